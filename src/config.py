@@ -1,0 +1,278 @@
+"""Typed settings, grouped by concern, read from defaults < a YAML/JSON file < command-line options.
+
+Every field has a default and help text; `python -m src.config --help` lists them all, and
+`python -m src.config [--config FILE] [--option value ...]` prints the resolved settings as JSON.
+A config file may be flat (`learning_rate: 1e-4`) or grouped (`train: {learning_rate: 1e-4}`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from transformers import HfArgumentParser
+
+from src.errors import UsageError, run_cli
+
+DEFAULT_MODEL = "intfloat/multilingual-e5-small"
+DATA_DIR = Path(__file__).resolve().parent.parent / "data"
+
+
+def _help(text: str, **kw):
+    return field(metadata={"help": text}, **kw)
+
+
+@dataclass
+class DataConfig:
+    train_file: str = _help("Training corpus (CSV/TSV/Parquet/JSONL/JSON/TXT).",
+                            default=str(DATA_DIR / "ru_catalog" / "train.jsonl"))
+    text_column: str = _help("Column holding the text (ignored for .txt).", default="text")
+    min_words: int = _help("Drop texts with fewer words than this.", default=3)
+    max_chars: int = _help("Truncate longer texts to this many characters (guards against megabyte rows).",
+                           default=2000)
+    split_mode: Literal["none", "sentences", "windows"] = _help(
+        "Split long texts into sentences or fixed word windows before training.", default="none")
+    window_words: int = _help("Words per window when split_mode=windows.", default=64)
+    max_train_texts: int = _help("Use at most this many training texts (0 = all).", default=0)
+    validation_fraction: float = _help("Fraction of texts held out as a development split.", default=0.05)
+
+    def validate(self):
+        _check(self.min_words >= 1, "min_words", "must be >= 1")
+        _check(self.max_chars >= 10, "max_chars", "must be >= 10")
+        _check(self.window_words >= 4, "window_words", "must be >= 4")
+        _check(self.max_train_texts >= 0, "max_train_texts", "must be >= 0")
+        _check(0.0 <= self.validation_fraction < 0.5, "validation_fraction", "must be in [0, 0.5)")
+
+
+@dataclass
+class NoiseConfig:
+    deletion_ratio: float = _help("TSDAE: fraction of words deleted from the encoder's input (paper: 0.6).",
+                                  default=0.6)
+    swap_ratio: float = _help("Optional extra noise: fraction of adjacent word pairs swapped.", default=0.0)
+    insertion_ratio: float = _help("Optional extra noise: fraction of words duplicated at random places.",
+                                   default=0.0)
+
+    def validate(self):
+        for name in ("deletion_ratio", "swap_ratio", "insertion_ratio"):
+            _check(0.0 <= getattr(self, name) < 1.0, name, "must be in [0, 1)")
+
+
+@dataclass
+class ModelConfig:
+    model_name_or_path: str = _help("Encoder: hub name or local folder (sentence-transformers or plain HF "
+                                    "BERT/XLM-R).", default=DEFAULT_MODEL)
+    precision: Literal["nf4", "none", "full"] = _help(
+        "nf4: QLoRA (4-bit NF4 base + LoRA); none: LoRA on a full-precision base; full: full fine-tuning.",
+        default="nf4")
+    lora_r: int = _help("LoRA rank.", default=16)
+    lora_alpha: int = _help("LoRA alpha (scale = alpha / r).", default=32)
+    lora_dropout: float = _help("LoRA dropout.", default=0.05)
+    lora_target_modules: str = _help("Comma-separated module names to adapt, or 'auto' (all attention and "
+                                     "feed-forward projections of the encoder layers).", default="auto")
+    max_seq_length: int = _help("Maximum tokens per text for training and encoding.", default=128)
+    trust_remote_code: bool = _help("Allow code shipped with a model folder to run (off: safe default).",
+                                    default=False)
+    allow_pickle: bool = _help("Allow pickle-based (.bin) weights; by default only safetensors load.",
+                               default=False)
+
+    def validate(self):
+        _check(self.lora_r >= 1, "lora_r", "must be >= 1")
+        _check(self.lora_alpha >= 1, "lora_alpha", "must be >= 1")
+        _check(0.0 <= self.lora_dropout < 1.0, "lora_dropout", "must be in [0, 1)")
+        _check(8 <= self.max_seq_length <= 8192, "max_seq_length", "must be in [8, 8192]")
+
+
+@dataclass
+class TrainConfig:
+    objective: Literal["tsdae"] = _help("Training objective.", default="tsdae")
+    learning_rate: float = _help("Peak learning rate.", default=1e-4)
+    batch_size: int = _help("Texts per device per step.", default=8)
+    gradient_accumulation_steps: int = _help("Steps to accumulate before an optimizer update.", default=1)
+    epochs: float = _help("Passes over the training texts (ignored when max_steps > 0).", default=1.0)
+    max_steps: int = _help("Stop after this many optimizer steps (0 = use epochs).", default=0)
+    warmup_ratio: float = _help("Fraction of steps for linear warm-up.", default=0.1)
+    lr_scheduler: Literal["constant_with_warmup", "linear", "cosine"] = _help(
+        "Learning-rate schedule after warm-up.", default="constant_with_warmup")
+    weight_decay: float = _help("AdamW weight decay.", default=0.0)
+    gradient_checkpointing: bool = _help("Recompute activations in backward (less memory, slower).",
+                                         default=False)
+    decoder_vocab: Literal["corpus", "full"] = _help(
+        "Decoder softmax over the token ids that occur in the training texts (all targets lie there; much "
+        "faster) or over the whole vocabulary.", default="corpus")
+    loss_chunk_tokens: int = _help("Compute the reconstruction loss over this many target tokens at a time, "
+                                   "recomputing logits in backward, so batch x length x vocab is never held.",
+                                   default=2048)
+    device: Literal["auto", "cpu", "cuda"] = _help("Where to train.", default="auto")
+    bf16: Literal["auto", "yes", "no"] = _help("bf16 compute on GPUs that support it.", default="auto")
+    logging_steps: int = _help("Log the loss every N steps.", default=10)
+    save_steps: int = _help("Write a resumable checkpoint every N steps.", default=50)
+    seed: int = _help("Seed for data split, noise, initialisation and order.", default=42)
+    resume: bool = _help("Resume from the last checkpoint in output_dir.", default=False)
+    threads: int = _help("CPU threads for torch (0 = torch's default).", default=0)
+
+    def validate(self):
+        _check(self.learning_rate > 0 and math.isfinite(self.learning_rate), "learning_rate", "must be > 0")
+        _check(self.batch_size >= 1, "batch_size", "must be >= 1")
+        _check(self.gradient_accumulation_steps >= 1, "gradient_accumulation_steps", "must be >= 1")
+        _check(self.epochs > 0, "epochs", "must be > 0")
+        _check(self.max_steps >= 0, "max_steps", "must be >= 0")
+        _check(0.0 <= self.warmup_ratio < 1.0, "warmup_ratio", "must be in [0, 1)")
+        _check(self.weight_decay >= 0, "weight_decay", "must be >= 0")
+        _check(self.loss_chunk_tokens >= 16, "loss_chunk_tokens", "must be >= 16")
+        _check(self.logging_steps >= 1, "logging_steps", "must be >= 1")
+        _check(self.save_steps >= 1, "save_steps", "must be >= 1")
+        _check(self.threads >= 0, "threads", "must be >= 0")
+
+
+@dataclass
+class EvalConfig:
+    eval_data: str = _help("Held-out retrieval data: a pairs file (CSV/TSV/JSONL/Parquet), a BEIR-style folder, "
+                           "or '' to skip evaluation.", default=str(DATA_DIR / "ru_catalog" / "test"))
+    query_column: str = _help("Pairs file: column with the query.", default="query")
+    document_column: str = _help("Pairs file: column with the relevant document.", default="document")
+    index: Literal["flat", "ivf", "hnsw"] = _help(
+        "FAISS index: exact inner product (flat) or approximate (ivf, hnsw) for millions of documents.",
+        default="flat")
+    eval_batch_size: int = _help("Texts per encoding batch.", default=64)
+    bootstrap_samples: int = _help("Bootstrap resamples for confidence intervals.", default=1000)
+    max_eval_queries: int = _help("Evaluate at most this many queries (0 = all).", default=0)
+
+    def validate(self):
+        _check(self.eval_batch_size >= 1, "eval_batch_size", "must be >= 1")
+        _check(self.bootstrap_samples >= 100, "bootstrap_samples", "must be >= 100")
+        _check(self.max_eval_queries >= 0, "max_eval_queries", "must be >= 0")
+
+
+@dataclass
+class OutputConfig:
+    output_dir: str = _help("Run folder (written atomically).", default="runs/e5-small-ru")
+    overwrite: bool = _help("Replace an existing, finished output_dir.", default=False)
+
+    def validate(self):
+        _check(bool(self.output_dir.strip()), "output_dir", "must not be empty")
+
+
+@dataclass
+class PreprocessConfig:
+    """Settings of `python -m src.preprocess` (raw catalog records -> training texts)."""
+
+    input_file: str = _help("Raw records (CSV/TSV/Parquet/JSONL/JSON).", default="")
+    output_file: str = _help("Where to write the texts (.parquet or .jsonl, column `text`).", default="")
+    title_field: str = _help("Name/title column.", default="title")
+    attributes_field: str = _help("Column holding a JSON or dict-like mapping of attributes ('' = none).",
+                                  default="")
+    attribute_columns: str = _help("Comma-separated flat columns used as attributes ('' = none).", default="")
+    description_field: str = _help("Optional description column ('' = none).", default="description")
+    template: str = _help("How one item becomes one text; placeholders {title}, {attributes}, {description}.",
+                          default="{title}. {attributes}. {description}")
+    min_chars: int = _help("Drop texts shorter than this after cleaning.", default=10)
+    keep_columns: str = _help("Comma-separated input columns copied to the output (e.g. id).", default="")
+
+    def validate(self):
+        _check(bool(self.input_file), "input_file", "is required")
+        _check(bool(self.output_file), "output_file", "is required")
+        _check(any(p in self.template for p in ("{title}", "{attributes}", "{description}")), "template",
+               "must use at least one of {title}, {attributes}, {description}")
+        _check(self.min_chars >= 1, "min_chars", "must be >= 1")
+
+
+GROUPS = {"data": DataConfig, "noise": NoiseConfig, "model": ModelConfig, "train": TrainConfig,
+          "eval": EvalConfig, "output": OutputConfig}
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    noise: NoiseConfig = field(default_factory=NoiseConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+    def validate(self) -> "Config":
+        for name in GROUPS:
+            getattr(self, name).validate()
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def _check(ok: bool, option: str, message: str) -> None:
+    if not ok:
+        raise UsageError(f"option --{option}: {message}")
+
+
+def _read_config_file(path: str) -> dict:
+    """Flat or grouped YAML/JSON -> flat {option: value}."""
+    p = Path(path)
+    if not p.is_file():
+        raise UsageError(f"config file {path} does not exist")
+    try:
+        text = p.read_text(encoding="utf-8")
+        if p.suffix.lower() in (".yaml", ".yml"):
+            import yaml
+            raw = yaml.safe_load(text)
+        elif p.suffix.lower() == ".json":
+            raw = json.loads(text)
+        else:
+            raise UsageError(f"config file {path}: use .yaml, .yml or .json")
+    except UsageError:
+        raise
+    except Exception as exc:
+        raise UsageError(f"config file {path}: cannot parse ({str(exc).splitlines()[0]})") from exc
+    if not isinstance(raw, dict):
+        raise UsageError(f"config file {path}: expected a mapping of option: value")
+    flat = {}
+    for key, value in raw.items():
+        flat.update(value if key in GROUPS and isinstance(value, dict) else {key: value})
+    known = {f.name for cls in GROUPS.values() for f in dataclasses.fields(cls)}
+    unknown = sorted(set(flat) - known)
+    if unknown:
+        raise UsageError(f"config file {path}: unknown option '{unknown[0]}'")
+    return flat
+
+
+def build_parser(extra_groups: dict | None = None) -> HfArgumentParser:
+    parser = HfArgumentParser(list(GROUPS.values()) + list((extra_groups or {}).values()))
+    parser.add_argument("--config", default=None, help="YAML or JSON file with settings (CLI options win).")
+    return parser
+
+
+def parse_config(argv: list[str] | None = None, extra_groups: dict | None = None):
+    """Resolve settings: defaults < --config file < CLI options. Returns Config (and extra groups)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(extra_groups)
+    pre, _ = parser.parse_known_args(argv)  # argparse exits 2 with one line on a malformed option
+    if pre.config:
+        flat = _read_config_file(pre.config)
+        for action in parser._actions:
+            if action.dest in flat:
+                value = flat[action.dest]
+                action.default = action.type(str(value)) if action.type and not isinstance(value, bool) else value
+    try:
+        *groups, rest = parser.parse_args_into_dataclasses(argv, return_remaining_strings=True,
+                                                           look_for_args_file=False)
+    except ValueError as exc:
+        raise UsageError(str(exc).splitlines()[0]) from exc
+    rest = [a for a in rest if a != "--config" and a != pre.config]
+    if rest:
+        raise UsageError(f"unrecognized arguments: {' '.join(rest)}")
+    config = Config(*groups[: len(GROUPS)]).validate()
+    return (config, *groups[len(GROUPS):]) if extra_groups else config
+
+
+def main(argv=None) -> None:
+    print(json.dumps(parse_config(argv).to_dict(), indent=2, ensure_ascii=False))
+
+
+if __name__ == "__main__":
+    run_cli(main)

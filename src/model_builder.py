@@ -1,0 +1,157 @@
+"""Load an encoder as a SentenceTransformer, in the precision the run asks for, with LoRA adapters.
+
+- A sentence-transformers folder keeps its own modules (pooling, normalization) and prompts.
+- A plain Hugging Face BERT / XLM-R folder gets mean pooling + L2 normalization, as e5 uses.
+- precision `nf4`: 4-bit NF4 base weights with double quantization (bitsandbytes; CUDA and CPU) + LoRA;
+  `none`: LoRA on a full-precision base; `full`: every weight trains.
+
+    python -m src.model_builder --model_name_or_path intfloat/multilingual-e5-small --precision nf4
+prints the modules, the trainable and frozen parameter counts, and the memory the weights take.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from pathlib import Path
+
+import torch
+from sentence_transformers import SentenceTransformer, models
+
+from src.config import ModelConfig, parse_config
+from src.errors import KitError, run_cli
+from src.provision import E5_PROMPTS, resolve_model
+
+logger = logging.getLogger(__name__)
+
+SUPPORTED_TYPES = ("bert", "xlm-roberta", "roberta")
+# Linear layers inside the encoder blocks of BERT-family models: attention q/k/v/output and feed-forward.
+LAYER_LINEAR = re.compile(r"(^|\.)(encoder\.layer\.\d+\..*\.(query|key|value|dense))$")
+
+
+def pick_device(requested: str = "auto") -> str:
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise KitError("option --device cuda: no CUDA GPU is available on this machine (use --device cpu)")
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return requested
+
+
+def _check_weights(path: Path, cfg: ModelConfig) -> None:
+    """Refuse pickle-only weights unless allowed (a pickle can run code when loaded)."""
+    names = {p.name for p in path.rglob("*") if p.is_file()}
+    has_safe = any(n.endswith(".safetensors") for n in names)
+    has_pickle = any(n.endswith((".bin", ".pt", ".pth", ".ckpt")) for n in names if n != "training_args.bin")
+    if has_pickle and not has_safe and not cfg.allow_pickle:
+        raise KitError(f"model {path} has only pickle-based weights (.bin); convert them to safetensors, or "
+                       f"pass --allow_pickle if you trust the source")
+
+
+def _model_type(path: Path) -> str:
+    config_file = path / "config.json"
+    if not config_file.exists():
+        raise KitError(f"model {path}: no config.json, so it is not a Hugging Face encoder folder")
+    model_type = json.loads(config_file.read_text(encoding="utf-8")).get("model_type", "")
+    if model_type not in SUPPORTED_TYPES:
+        raise KitError(f"model {path}: model_type '{model_type}' is not a supported encoder "
+                       f"({', '.join(SUPPORTED_TYPES)})")
+    return model_type
+
+
+def quantization_config(device: str):
+    from transformers import BitsAndBytesConfig
+
+    compute = torch.bfloat16 if device == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    # The pooler is never used by mean pooling, and a checkpoint without pooler weights (e5) gets a fresh
+    # one that peft's 4-bit dispatch trips over: keep it out of quantization.
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=compute, llm_int8_skip_modules=["pooler"])
+
+
+def load_sentence_transformer(cfg: ModelConfig, device: str = "cpu", quantize: bool = False) -> SentenceTransformer:
+    """The encoder as a SentenceTransformer (4-bit base when `quantize`), without adapters."""
+    path = resolve_model(cfg.model_name_or_path)
+    if (path / "adapter_config.json").exists():
+        raise KitError(f"model {path} is a LoRA adapter; train from its base model instead")
+    _check_weights(path, cfg)
+    _model_type(path)
+    model_kwargs = {"use_safetensors": not cfg.allow_pickle}
+    if quantize:
+        model_kwargs.update(quantization_config=quantization_config(device), device_map=device)
+    kwargs = dict(device=device, trust_remote_code=cfg.trust_remote_code, model_kwargs=model_kwargs)
+    try:
+        if (path / "modules.json").exists():
+            model = SentenceTransformer(str(path), **kwargs)
+        else:  # plain HF encoder: mean pooling + normalization, as e5 uses
+            transformer = models.Transformer(str(path), model_args=model_kwargs,
+                                             config_args={"trust_remote_code": cfg.trust_remote_code})
+            pooling = models.Pooling(transformer.get_word_embedding_dimension(), pooling_mode="mean")
+            prompts = E5_PROMPTS if "e5" in path.name.lower() else None
+            model = SentenceTransformer(modules=[transformer, pooling, models.Normalize()], prompts=prompts,
+                                        device=device)
+    except (OSError, ValueError) as exc:
+        raise KitError(f"model {path}: cannot load ({str(exc).splitlines()[0][:200]})") from exc
+    model.max_seq_length = cfg.max_seq_length
+    return model
+
+
+def keep_trainable_4bit_layout(hf_model: torch.nn.Module) -> None:
+    """bitsandbytes repacks 4-bit CPU weights into an inference-only layout the first time a layer runs in
+    eval mode without gradients (a development-loss evaluation, say); training steps after that fail
+    ("a view of a leaf Variable ... in-place"). Training needs the canonical layout, so switch that off."""
+    for module in hf_model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
+def lora_targets(hf_model: torch.nn.Module, spec: str) -> list[str]:
+    """Full names of the modules LoRA adapts: `auto` = every Linear in the encoder blocks."""
+    names = [n for n, m in hf_model.named_modules() if LAYER_LINEAR.search(n) and len(list(m.children())) == 0]
+    if spec != "auto":
+        wanted = {s.strip() for s in spec.split(",") if s.strip()}
+        names = [n for n, m in hf_model.named_modules() if n.split(".")[-1] in wanted and "encoder.layer." in n]
+    if not names:
+        raise KitError(f"option --lora_target_modules: '{spec}' matches no module of the encoder layers")
+    return names
+
+
+def build_model(cfg: ModelConfig, device: str = "cpu", gradient_checkpointing: bool = False) -> SentenceTransformer:
+    """The encoder ready to train: 4-bit + LoRA (nf4), fp + LoRA (none) or all weights trainable (full)."""
+    from peft import LoraConfig, prepare_model_for_kbit_training
+
+    model = load_sentence_transformer(cfg, device, quantize=cfg.precision == "nf4")
+    hf_model = model[0].auto_model
+    if cfg.precision == "full":
+        if gradient_checkpointing:
+            hf_model.gradient_checkpointing_enable()
+        return model
+    if cfg.precision == "nf4":
+        prepare_model_for_kbit_training(hf_model, use_gradient_checkpointing=gradient_checkpointing)
+        keep_trainable_4bit_layout(hf_model)
+    elif gradient_checkpointing:
+        hf_model.gradient_checkpointing_enable()
+    lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules=lora_targets(hf_model, cfg.lora_target_modules), bias="none")
+    model.add_adapter(lora)
+    return model
+
+
+def parameter_report(model: torch.nn.Module) -> dict:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    weight_bytes += sum(b.numel() * b.element_size() for b in model.buffers())
+    return {"trainable_parameters": trainable, "frozen_parameters": total - trainable,
+            "weight_megabytes": round(weight_bytes / 2**20, 1)}
+
+
+def main(argv=None) -> None:
+    cfg = parse_config(argv)
+    model = build_model(cfg.model, pick_device(cfg.train.device))
+    print(model)
+    print(json.dumps(parameter_report(model), indent=2))
+
+
+if __name__ == "__main__":
+    run_cli(main)
