@@ -90,7 +90,7 @@ class ModelConfig:
 @dataclass
 class TrainConfig:
     objective: Literal["tsdae"] = _help("Training objective.", default="tsdae")
-    learning_rate: float = _help("Peak learning rate.", default=1e-4)
+    learning_rate: float = _help("Peak learning rate.", default=2e-5)
     batch_size: int = _help("Texts per device per step.", default=8)
     gradient_accumulation_steps: int = _help("Steps to accumulate before an optimizer update.", default=1)
     epochs: float = _help("Passes over the training texts (ignored when max_steps > 0).", default=1.0)

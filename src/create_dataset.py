@@ -32,7 +32,7 @@ logger = logging.getLogger(__name__)
 # "3.5", "1,5", "Wi-Fi", "don't"); any other non-space character is a token of its own. Unicode \w covers
 # Cyrillic. Every token remembers whether a space preceded it, so detokenization is exact (see `join`).
 _TOKEN = re.compile(r"\w+(?:[-.,/'’]\w+)*|[^\w\s]")
-NEAR_DUPLICATE_PREFIX = 120  # documents whose first 120 normalized characters agree count as near-duplicates
+SHINGLE_WORDS = 6  # a document sharing half of its 6-word shingles with another one is a near-duplicate
 _SENTENCE_END = re.compile(r"(?<=[.!?…])\s+(?=[\"«(\[]?[A-ZА-ЯЁ0-9])")
 
 
@@ -42,8 +42,13 @@ def tokenize(text: str) -> list[tuple[str, bool]]:
 
 
 def join(tokens: list[tuple[str, bool]]) -> str:
-    """Inverse of `tokenize`: `join(tokenize(t)) == t` for whitespace-normalized t."""
-    return "".join((" " if space and i else "") + tok for i, (tok, space) in enumerate(tokens))
+    """Inverse of `tokenize`: `join(tokenize(t)) == t` for whitespace-normalized t. Two words that noise made
+    neighbours are always separated (the tokenizer never yields two adjacent words without a space)."""
+    out = []
+    for i, (tok, space) in enumerate(tokens):
+        glued_words = i and tok[0].isalnum() and tokens[i - 1][0][-1].isalnum()
+        out.append((" " if i and (space or glued_words) else "") + tok)
+    return "".join(out)
 
 
 def count_words(text: str) -> int:
@@ -271,18 +276,29 @@ def load_retrieval_data(path: str, query_column: str = "query", document_column:
 # Catalog -> training texts + held-out pairs
 
 
+def near_duplicates(texts: list[str], threshold: float = 0.5) -> np.ndarray:
+    """True for texts that share at least `threshold` of their word shingles with some other text (shared
+    boilerplate paragraphs, a description contained in another one, exact copies)."""
+    shingles = [{tuple(w[i : i + SHINGLE_WORDS]) for i in range(max(1, len(w) - SHINGLE_WORDS + 1))}
+                for w in (t.split() for t in texts)]
+    owners: dict[tuple, int] = {}
+    for s in shingles:
+        for sh in s:
+            owners[sh] = owners.get(sh, 0) + 1
+    return np.array([sum(owners[sh] > 1 for sh in s) >= threshold * len(s) for s in shingles])
+
+
 def holdout_split(frame: pd.DataFrame, query_field: str, document_field: str, test_items: int, seed: int
                   ) -> tuple[list[str], RetrievalData]:
     """Split catalog items into training texts and held-out test data, by item: no test item's query or
     document text appears in the training texts. The test collection holds every distinct document (the
     training items' ones act as distractors); a test item is only chosen when its document is unlike every
-    other item's (no shared boilerplate prefix) and its query is unique, since such a pair has one right answer.
+    other item's (see `near_duplicates`) and its query is unique, since such a pair has one right answer.
     """
     frame = frame.assign(**{c: frame[c].map(clean_text) for c in (query_field, document_field)})
     frame = frame[(frame[query_field] != "") & (frame[document_field] != "")].reset_index(drop=True)
     doc_key = frame[document_field].map(normalized_key)
-    near_key = doc_key.str[:NEAR_DUPLICATE_PREFIX]
-    unique = ~near_key.duplicated(keep=False) & ~frame[query_field].map(normalized_key).duplicated(keep=False)
+    unique = ~near_duplicates(doc_key.tolist()) & ~frame[query_field].map(normalized_key).duplicated(keep=False)
     candidates = np.flatnonzero(unique.to_numpy())
     rng = np.random.default_rng(seed)
     is_test = np.zeros(len(frame), dtype=bool)

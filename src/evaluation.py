@@ -1,0 +1,331 @@
+"""Retrieval evaluation that tells the truth: every query searched against the whole collection with FAISS.
+
+    python -m src.evaluation --model runs/e5-small-ru/merged --baseline intfloat/multilingual-e5-small \
+        --eval_data data/ru_catalog/test --output_dir runs/e5-small-ru/evaluation
+
+Metrics per query (graded relevance, several relevant documents allowed): nDCG@10, MRR@10, MAP@100,
+Recall@1/5/10/100. Two models are compared on the same queries: differences with 95% paired-bootstrap
+confidence intervals, a paired randomization test, and a verdict in words. Writes metrics.json, report.md
+and metrics.png. The mean cosine of random pairs is reported only as an anisotropy diagnostic.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from src.config import EvalConfig, _help
+from src.create_dataset import RetrievalData, load_retrieval_data
+from src.errors import KitError, UsageError, run_cli
+
+logger = logging.getLogger(__name__)
+
+METRICS = ("ndcg@10", "mrr@10", "map@100", "recall@1", "recall@5", "recall@10", "recall@100")
+MAIN_METRIC = "ndcg@10"
+DEPTH = 100  # ranks retrieved per query: the deepest cut-off any metric needs
+
+
+# --------------------------------------------------------------------------------------------------------
+# Metrics. Written out here (not taken from sentence-transformers' InformationRetrievalEvaluator) because
+# that evaluator treats relevance as binary and returns only means; the paired comparison needs per-query
+# values and graded gains. Conventions follow trec_eval (linear gain, log2 discount); tests check them
+# against pytrec_eval.
+
+
+def query_metrics(ranking: list[str], relevant: dict[str, int]) -> dict[str, float]:
+    """All metrics for one query: `ranking` is doc ids best first, `relevant` maps doc id -> grade > 0."""
+    gains = np.array([relevant.get(d, 0) for d in ranking[:DEPTH]], dtype=float)
+    hits = gains > 0
+    n_rel = sum(1 for g in relevant.values() if g > 0)
+    discounts = 1.0 / np.log2(np.arange(2, DEPTH + 2))
+    ideal = np.sort(np.array([g for g in relevant.values() if g > 0], dtype=float))[::-1]
+    idcg = float((ideal[:10] * discounts[: min(10, len(ideal))]).sum())
+    dcg = float((gains[:10] * discounts[: len(gains[:10])]).sum())
+    first = int(np.argmax(hits[:10])) if hits[:10].any() else None
+    precision_at_hit = np.cumsum(hits) / np.arange(1, len(hits) + 1)
+    out = {
+        "ndcg@10": dcg / idcg if idcg else 0.0,
+        "mrr@10": 1.0 / (first + 1) if first is not None else 0.0,
+        "map@100": float(precision_at_hit[hits].sum() / n_rel) if n_rel else 0.0,
+    }
+    for k in (1, 5, 10, 100):
+        out[f"recall@{k}"] = float(hits[:k].sum() / n_rel) if n_rel else 0.0
+    return out
+
+
+def score_rankings(rankings: dict[str, list[str]], qrels: dict[str, dict[str, int]]) -> dict[str, np.ndarray]:
+    """Per-query metric arrays, queries in sorted id order."""
+    ids = sorted(qrels)
+    rows = [query_metrics(rankings.get(q, []), qrels[q]) for q in ids]
+    return {m: np.array([r[m] for r in rows]) for m in METRICS}
+
+
+# --------------------------------------------------------------------------------------------------------
+# Encoding and search
+
+
+def encode(model, texts: list[str], prompt_name: str | None, batch_size: int) -> tuple[np.ndarray, float]:
+    """Normalized float32 embeddings (sentence-transformers sorts by length and batches) and texts/second."""
+    started = time.perf_counter()
+    emb = model.encode(texts, prompt_name=prompt_name, batch_size=batch_size, show_progress_bar=True,
+                       convert_to_numpy=True, normalize_embeddings=True)
+    return emb.astype(np.float32), len(texts) / max(time.perf_counter() - started, 1e-9)
+
+
+def build_index(doc_emb: np.ndarray, kind: str):
+    import faiss
+
+    dim = doc_emb.shape[1]
+    if kind == "flat":
+        index = faiss.IndexFlatIP(dim)
+    elif kind == "hnsw":
+        index = faiss.IndexHNSWFlat(dim, 32, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efSearch = 128
+    else:  # ivf: about 4*sqrt(N) lists, searched 1/8 of them at a time
+        nlist = max(1, min(int(4 * np.sqrt(len(doc_emb))), len(doc_emb) // 39))
+        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
+        index.train(doc_emb)
+        index.nprobe = max(1, nlist // 8)
+    index.add(doc_emb)
+    return index
+
+
+def search(doc_emb: np.ndarray, query_emb: np.ndarray, kind: str, k: int = DEPTH) -> np.ndarray:
+    """Top-k document row numbers per query (-1 where fewer exist)."""
+    return build_index(doc_emb, kind).search(query_emb, min(k, len(doc_emb)))[1]
+
+
+def approximate_recall(doc_emb, query_emb, kind: str, k: int = 10) -> float:
+    """Share of the exact top-k that the approximate index also returns."""
+    exact, approx = search(doc_emb, query_emb, "flat", k), search(doc_emb, query_emb, kind, k)
+    return float(np.mean([len(set(a) & set(e)) / len(e) for a, e in zip(approx, exact)]))
+
+
+def anisotropy(doc_emb: np.ndarray, pairs: int = 2000, seed: int = 0) -> dict[str, float]:
+    rng = np.random.default_rng(seed)
+    i, j = rng.integers(len(doc_emb), size=(2, pairs))
+    cos = (doc_emb[i] * doc_emb[j]).sum(1)[i != j]
+    return {"mean": round(float(cos.mean()), 4), "std": round(float(cos.std()), 4)}
+
+
+def prompt_names(model) -> tuple[str | None, str | None]:
+    prompts = model.prompts or {}
+    return ("query" if "query" in prompts else None), ("passage" if "passage" in prompts else None)
+
+
+def evaluate_model(model, data: RetrievalData, cfg: EvalConfig, use_prompts: bool = True) -> dict:
+    """Encode, search, score: per-query metrics, means, throughput, and diagnostics for one model."""
+    query_prompt, doc_prompt = prompt_names(model) if use_prompts else (None, None)
+    doc_ids, query_ids = list(data.corpus), sorted(data.qrels)
+    doc_emb, doc_rate = encode(model, [data.corpus[d] for d in doc_ids], doc_prompt, cfg.eval_batch_size)
+    query_emb, _ = encode(model, [data.queries[q] for q in query_ids], query_prompt, cfg.eval_batch_size)
+    top = search(doc_emb, query_emb, cfg.index)
+    rankings = {q: [doc_ids[i] for i in row if i >= 0] for q, row in zip(query_ids, top)}
+    per_query = score_rankings(rankings, data.qrels)
+    result = {"metrics": {m: float(v.mean()) for m, v in per_query.items()}, "per_query": per_query,
+              "documents_per_second": round(doc_rate, 1), "prompts": [query_prompt, doc_prompt],
+              "anisotropy_diagnostic": anisotropy(doc_emb)}
+    if cfg.index != "flat":
+        result["index_recall@10_vs_exact"] = approximate_recall(doc_emb, query_emb, cfg.index)
+    return result
+
+
+# --------------------------------------------------------------------------------------------------------
+# Comparison
+
+
+def compare(candidate: dict[str, np.ndarray], baseline: dict[str, np.ndarray], samples: int = 1000,
+            seed: int = 0) -> dict[str, dict]:
+    """Per metric: mean difference, 95% paired-bootstrap interval, and a two-sided paired randomization
+    (sign-flip) test p-value over queries."""
+    rng = np.random.default_rng(seed)
+    n = len(next(iter(candidate.values())))
+    resample = rng.integers(n, size=(samples, n))
+    signs = rng.choice([-1.0, 1.0], size=(max(samples, 2000), n))
+    out = {}
+    for metric in METRICS:
+        diff = candidate[metric] - baseline[metric]
+        boot = diff[resample].mean(1)
+        observed = abs(diff.mean())
+        p = (np.sum(np.abs((signs * diff).mean(1)) >= observed - 1e-12) + 1) / (len(signs) + 1)
+        out[metric] = {"difference": float(diff.mean()), "ci95": [float(np.percentile(boot, 2.5)),
+                                                                  float(np.percentile(boot, 97.5))],
+                       "p_value": float(p)}
+    return out
+
+
+def verdict(comparison: dict, metric: str = MAIN_METRIC, alpha: float = 0.05) -> str:
+    c = comparison[metric]
+    low, high = c["ci95"]
+    if c["p_value"] < alpha and low > 0:
+        return "better"
+    if c["p_value"] < alpha and high < 0:
+        return "worse"
+    return "not distinguishable"
+
+
+# --------------------------------------------------------------------------------------------------------
+# Reports
+
+
+def _fmt(x: float) -> str:
+    return f"{100 * x:.2f}"
+
+
+def write_reports(results: dict[str, dict], comparison: dict | None, data: RetrievalData, settings: dict,
+                  folder: Path) -> dict:
+    folder.mkdir(parents=True, exist_ok=True)
+    names = list(results)
+    summary = {"data": data.describe(), "settings": settings,
+               "models": {n: {k: v for k, v in r.items() if k != "per_query"} for n, r in results.items()}}
+    if comparison:
+        summary["comparison"] = {"candidate": names[0], "baseline": names[1], "metrics": comparison,
+                                 "verdict": verdict(comparison)}
+    (folder / "metrics.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    (folder / "report.md").write_text(markdown_report(summary), encoding="utf-8")
+    plot_metrics(results, folder / "metrics.png")
+    return summary
+
+
+def markdown_report(summary: dict) -> str:
+    models, d = summary["models"], summary["data"]
+    names = list(models)
+    lines = ["# Retrieval evaluation", "",
+             f"Data: `{d['source']}`: {d['queries']} queries, {d['documents']} documents, "
+             f"{d['relevant_per_query']} relevant per query; every query searched against the whole collection "
+             f"({summary['settings']['index']} FAISS index). " + " ".join(d["notes"]), "",
+             "| metric (x100) | " + " | ".join(names) + (" | difference [95% CI] | p |" if "comparison" in summary else " |"),
+             "|---|" + "---|" * len(names) + ("---|---|" if "comparison" in summary else "")]
+    for m in METRICS:
+        row = f"| {m} | " + " | ".join(_fmt(models[n]["metrics"][m]) for n in names) + " |"
+        if "comparison" in summary:
+            c = summary["comparison"]["metrics"][m]
+            row += f" {100 * c['difference']:+.2f} [{100 * c['ci95'][0]:+.2f}, {100 * c['ci95'][1]:+.2f}] | {c['p_value']:.3f} |"
+        lines.append(row)
+    lines.append("")
+    if "comparison" in summary:
+        comp = summary["comparison"]
+        v = comp["verdict"]
+        lines += [f"**Verdict on {MAIN_METRIC}: {comp['candidate']} is {v} than {comp['baseline']}**"
+                  if v != "not distinguishable" else
+                  f"**Verdict on {MAIN_METRIC}: {comp['candidate']} and {comp['baseline']} are not distinguishable**",
+                  "", "(95% paired bootstrap over queries; two-sided paired randomization test, alpha 0.05.)", ""]
+        if v != "better":
+            lines += [f"WARNING: the adapted model is not better than the base model on these held-out pairs. "
+                      f"Keep using the base model, or change the recipe.", ""]
+    lines += ["| model | documents/s (encoding) | prompts (query, document) | random-pair cosine mean ± std* |",
+              "|---|---|---|---|"]
+    for n in names:
+        r = models[n]
+        a = r["anisotropy_diagnostic"]
+        lines.append(f"| {n} | {r['documents_per_second']} | {r['prompts']} | {a['mean']} ± {a['std']} |")
+    lines += ["", "*Mean cosine of random document pairs is a diagnostic of anisotropy (how crowded the "
+              "embedding space is), not a measure of retrieval quality.", "",
+              "Settings: `" + json.dumps(summary["settings"], ensure_ascii=False) + "`", ""]
+    return "\n".join(lines)
+
+
+def plot_metrics(results: dict[str, dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4))
+    width = 0.8 / len(results)
+    x = np.arange(len(METRICS))
+    for i, (name, r) in enumerate(results.items()):
+        ax.bar(x + i * width, [r["metrics"][m] for m in METRICS], width, label=name)
+    ax.set_xticks(x + width * (len(results) - 1) / 2, METRICS)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("score")
+    ax.legend()
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Entry points
+
+
+def load_model(name_or_path: str, device: str = "cpu"):
+    from sentence_transformers import SentenceTransformer
+
+    from src.provision import resolve_model
+
+    path = resolve_model(name_or_path)
+    try:
+        return SentenceTransformer(str(path), device=device)
+    except (OSError, ValueError) as exc:
+        raise KitError(f"model {path}: cannot load as a sentence-transformers model "
+                       f"({str(exc).splitlines()[0][:200]})") from exc
+
+
+def run_evaluation(models: dict[str, str], cfg: EvalConfig, folder: Path, seed: int = 0) -> dict:
+    """Evaluate named models (first = candidate, second = baseline) and write the reports into `folder`."""
+    data = load_retrieval_data(cfg.eval_data, cfg.query_column, cfg.document_column)
+    data = data.subset(cfg.max_eval_queries, seed)
+    logger.info("evaluating on %s: %d queries, %d documents", data.source, len(data.queries), len(data.corpus))
+    results = {}
+    for name, path in models.items():
+        logger.info("encoding with %s (%s)", name, path)
+        results[name] = evaluate_model(load_model(path), data, cfg)
+    names = list(results)
+    comparison = (compare(results[names[0]]["per_query"], results[names[1]]["per_query"], cfg.bootstrap_samples, seed)
+                  if len(names) == 2 else None)
+    settings = {"index": cfg.index, "batch_size": cfg.eval_batch_size, "models": models}
+    summary = write_reports(results, comparison, data, settings, folder)
+    for name in names:
+        logger.info("%s: %s", name, ", ".join(f"{m} {100 * v:.2f}" for m, v in results[name]["metrics"].items()))
+    if comparison:
+        v, c = summary["comparison"]["verdict"], comparison[MAIN_METRIC]
+        message = (f"{names[0]} vs {names[1]}: {MAIN_METRIC} {100 * c['difference']:+.2f} points "
+                   f"[{100 * c['ci95'][0]:+.2f}, {100 * c['ci95'][1]:+.2f}], p={c['p_value']:.3f}: {v}")
+        (logger.info if v == "better" else logger.warning)(
+            message + ("" if v == "better" else " -- the adapted model is NOT better than the base"))
+    return summary
+
+
+def evaluate_run(cfg, folder: Path) -> dict:
+    """Called by the trainer: the merged model of this run against the base model."""
+    summary = run_evaluation({"adapted": str(folder / "merged"), "base": cfg.model.model_name_or_path},
+                             cfg.eval, folder / "evaluation", cfg.train.seed)
+    comp = summary["comparison"]
+    return {"verdict": comp["verdict"], MAIN_METRIC: comp["metrics"][MAIN_METRIC],
+            "adapted": summary["models"]["adapted"]["metrics"], "base": summary["models"]["base"]["metrics"]}
+
+
+@dataclass
+class EvaluationArguments:
+    model: str = _help("Model to evaluate (folder or hub name; an adapter/ folder works too).", default="")
+    baseline: str = _help("Optional model to compare against (e.g. the base model).", default="")
+    output_dir: str = _help("Where to write metrics.json, report.md and metrics.png.", default="evaluation")
+    overwrite: bool = _help("Replace reports already in output_dir.", default=False)
+    seed: int = _help("Seed for query sampling and the bootstrap.", default=0)
+
+
+def main(argv=None) -> None:
+    from transformers import HfArgumentParser
+
+    args, cfg = HfArgumentParser([EvaluationArguments, EvalConfig]).parse_args_into_dataclasses(
+        argv, look_for_args_file=False)
+    if not args.model:
+        raise UsageError("option --model is required")
+    cfg.validate()
+    folder = Path(args.output_dir)
+    if (folder / "metrics.json").exists() and not args.overwrite:
+        raise KitError(f"{folder} already holds a report; pass --overwrite or choose another --output_dir")
+    models = {"model": args.model} if not args.baseline else {"model": args.model, "baseline": args.baseline}
+    run_evaluation(models, cfg, folder, args.seed)
+    print(f"wrote {folder}/metrics.json, report.md, metrics.png")
+
+
+if __name__ == "__main__":
+    run_cli(main)

