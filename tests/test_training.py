@@ -1,0 +1,130 @@
+"""QLoRA model building, the shared-layer TSDAE decoder, and end-to-end training runs on CPU."""
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import RU_TRAIN, read_texts
+from src.config import Config, DataConfig, EvalConfig, ModelConfig, OutputConfig, TrainConfig
+from src.model_builder import build_model
+from src.tsdae import TSDAELoss, corpus_vocabulary
+
+
+def batch(model, texts):
+    return [model.tokenize([t[: len(t) // 2] for t in texts]), model.tokenize(texts)]
+
+
+@pytest.mark.parametrize("fixture", ["tiny_bert", "tiny_xlmr"])
+def test_nf4_trains_only_adapters_and_decoder_with_one_copy_of_the_base(request, fixture):
+    import bitsandbytes as bnb
+
+    model = build_model(ModelConfig(model_name_or_path=str(request.getfixturevalue(fixture)), precision="nf4"))
+    hf = model[0].auto_model
+    linear4 = [m for m in hf.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert len(linear4) == 2 * 6  # q, k, v, attention output, intermediate, output per layer
+    assert all(not p.requires_grad for m in linear4 for p in m.parameters())
+    assert all(m.weight.dtype == torch.uint8 for m in linear4)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+
+    loss = TSDAELoss(model, corpus_vocabulary(model, read_texts(RU_TRAIN, 20)))
+    encoder_ids = {id(p) for p in model.parameters()}
+    decoder_params = list(loss.decoder.parameters())
+    assert not any(id(p) in encoder_ids for p in decoder_params)  # no second copy of any encoder weight
+    assert loss.decoder.encoder is hf
+    assert sum(p.numel() for p in decoder_params) < 0.5 * sum(p.numel() for p in hf.parameters())
+    before = {n: p.detach().clone() for n, p in hf.named_parameters() if not p.requires_grad}
+    value = loss(batch(model, read_texts(RU_TRAIN, 4)))
+    value.backward()
+    assert torch.isfinite(value)
+    assert all(p.grad is not None for p in loss.parameters() if p.requires_grad)
+    assert all(torch.equal(before[n], p) for n, p in hf.named_parameters() if n in before)
+
+
+def test_chunked_corpus_vocab_loss_is_the_full_softmax_restricted(tiny_bert):
+    model = build_model(ModelConfig(model_name_or_path=str(tiny_bert), precision="none"))
+    texts = read_texts(RU_TRAIN, 6)
+    vocab = corpus_vocabulary(model, texts)
+    torch.manual_seed(0)
+    a = TSDAELoss(model, vocab, chunk_tokens=16).eval()
+    torch.manual_seed(0)
+    b = TSDAELoss(model, vocab, chunk_tokens=100_000).eval()
+    features = batch(model, texts)
+    assert torch.allclose(a(features), b(features), atol=1e-5)
+    full = TSDAELoss(model, None).eval()
+    full.decoder.load_state_dict({k: v for k, v in a.decoder.state_dict().items() if k not in ("bias", "vocab_ids")},
+                                 strict=False)
+    # Over the whole vocabulary the partition function has more terms: the loss can only be larger.
+    assert full(features) > a(features)
+
+
+def run_config(tmp_path, model_path, name, **train):
+    return Config(data=DataConfig(train_file=str(RU_TRAIN), max_train_texts=48, validation_fraction=0.1),
+                  model=ModelConfig(model_name_or_path=str(model_path), max_seq_length=48),
+                  train=TrainConfig(batch_size=4, learning_rate=1e-3, logging_steps=1, **train),
+                  eval=EvalConfig(eval_data=""), output=OutputConfig(output_dir=str(tmp_path / name)))
+
+
+def encode_both(folder, texts):
+    from sentence_transformers import SentenceTransformer
+
+    adapter = SentenceTransformer(str(folder / "adapter"), device="cpu")
+    merged = SentenceTransformer(str(folder / "merged"), device="cpu")
+    assert "lora" not in str(merged) and not (folder / "merged" / "adapter_config.json").exists()
+    return adapter.encode(texts, prompt_name="passage"), merged.encode(texts, prompt_name="passage")
+
+
+def test_end_to_end_tiny_xlmr_adapter_and_merged_agree(tmp_path, tiny_xlmr):
+    from src.trainer import train
+
+    folder = train(run_config(tmp_path, tiny_xlmr, "run", max_steps=4, save_steps=2))
+    for name in ("config.json", "training_log.json", "loss.png", "run.json"):
+        assert (folder / name).is_file()
+    assert not (tmp_path / "run.partial").exists() and not (folder / "checkpoints").exists()
+    a, m = encode_both(folder, read_texts(RU_TRAIN, 5))
+    assert ((a * m).sum(1) > 0.999).all()
+
+
+def test_resume_reaches_the_same_weights(tmp_path, tiny_bert):
+    from transformers import TrainerCallback
+
+    from src import trainer as trainer_module
+
+    whole = trainer_module.train(run_config(tmp_path, tiny_bert, "whole", max_steps=6, save_steps=3))
+
+    class Crash(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            raise KeyboardInterrupt
+
+    original = trainer_module.TSDAETrainer.__init__
+
+    def crashing_init(self, *args, **kwargs):
+        kwargs["callbacks"] = kwargs["callbacks"] + [Crash()]
+        original(self, *args, **kwargs)
+
+    trainer_module.TSDAETrainer.__init__ = crashing_init
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            trainer_module.train(run_config(tmp_path, tiny_bert, "broken", max_steps=6, save_steps=3))
+    finally:
+        trainer_module.TSDAETrainer.__init__ = original
+    assert (tmp_path / "broken.partial" / "checkpoints" / "checkpoint-3").is_dir()
+    resumed = trainer_module.train(run_config(tmp_path, tiny_bert, "broken", max_steps=6, save_steps=3, resume=True))
+    a = load_file(str(whole / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(resumed / "adapter" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-5)
+    assert float(max(v.abs().max() for k, v in a.items() if "lora_B" in k)) > 0  # it did train
+
+
+def test_end_to_end_e5_small_qlora(tmp_path, e5_cache):
+    from src.trainer import train
+
+    cfg = run_config(tmp_path, e5_cache, "e5", max_steps=2, save_steps=10)
+    cfg.train.learning_rate = 2e-5
+    folder = train(cfg)
+    texts = read_texts(RU_TRAIN, 4)
+    a, m = encode_both(folder, texts)
+    assert ((a * m).sum(1) > 0.999).all()
