@@ -180,12 +180,11 @@ def train(cfg: Config) -> Path:
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     device = pick_device(cfg.train.device)
+    train_texts, dev_texts = load_corpus(cfg.data, cfg.train.seed)  # bad data fails before any folder exists
+    logger.info("training texts: %d, development texts: %d", len(train_texts), len(dev_texts))
     world_rank = int(os.environ.get("RANK", "0"))
     folder = prepare_run_folder(cfg) if world_rank == 0 else Path(cfg.output.output_dir + ".partial")
     cfg.save(folder / "config.json")
-
-    train_texts, dev_texts = load_corpus(cfg.data, cfg.train.seed)
-    logger.info("training texts: %d, development texts: %d", len(train_texts), len(dev_texts))
     model = build_model(cfg.model, device, cfg.train.gradient_checkpointing)
     vocab = corpus_vocabulary(model, train_texts + dev_texts) if cfg.train.decoder_vocab == "corpus" else None
     if vocab is not None:

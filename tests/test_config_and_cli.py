@@ -57,6 +57,7 @@ def test_cli_errors_are_one_line_with_exit_code(tmp_path, args, code, message):
     result = run(*[a.replace("{tmp}", str(tmp_path)) for a in args])
     assert result.returncode == code
     assert message in result.stderr and "Traceback" not in result.stderr
+    assert not any(tmp_path.iterdir())  # nothing half-written left behind
 
 
 def test_trainer_refuses_to_overwrite_a_finished_run(tmp_path):
