@@ -2,7 +2,7 @@
 
     python scripts/build_sample_data.py [--shared ../shared/data]
 
-For each language: training texts ("title. description" of the training items) and a BEIR-style test folder
+For each language: training items (title, description, and text = "title. description") and a BEIR-style test folder
 (query = a held-out item's title, relevant document = its description, every distinct description of the
 catalog as the collection). Deterministic (seed 0).
 """
@@ -10,8 +10,6 @@ catalog as the collection). Deterministic (seed 0).
 import argparse
 import sys
 from pathlib import Path
-
-import pandas as pd
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -33,7 +31,7 @@ def main() -> None:
             frame = frame.sample(n=n_items, random_state=0).sort_index()
         train, test = holdout_split(frame, "title", "description", n_test, seed=0)
         out = ROOT / "data" / f"{lang}_catalog"
-        write_table(pd.DataFrame({"text": train}), out / "train.jsonl")
+        write_table(train, out / "train.jsonl")
         save_beir(test, out / "test")
         print(f"{lang}: {len(train)} training texts, {len(test.queries)} test queries, "
               f"{len(test.corpus)} documents -> {out}")

@@ -32,6 +32,9 @@ class DataConfig:
     train_file: str = _help("Training corpus (CSV/TSV/Parquet/JSONL/JSON/TXT).",
                             default=str(DATA_DIR / "ru_catalog" / "train.jsonl"))
     text_column: str = _help("Column holding the text (ignored for .txt).", default="text")
+    pair_columns: str = _help("Two columns 'query,document' of the same item (e.g. title,description): training "
+                              "pairs for the mnrl objectives and development pairs for model selection; "
+                              "used when the file has them.", default="title,description")
     min_words: int = _help("Drop texts with fewer words than this.", default=3)
     max_chars: int = _help("Truncate longer texts to this many characters (guards against megabyte rows).",
                            default=2000)
@@ -47,6 +50,8 @@ class DataConfig:
         _check(self.window_words >= 4, "window_words", "must be >= 4")
         _check(self.max_train_texts >= 0, "max_train_texts", "must be >= 0")
         _check(0.0 <= self.validation_fraction < 0.5, "validation_fraction", "must be in [0, 0.5)")
+        names = [c.strip() for c in self.pair_columns.split(",") if c.strip()]
+        _check(len(names) in (0, 2), "pair_columns", "must name two columns 'query,document' (or be '')")
 
 
 @dataclass
@@ -89,9 +94,14 @@ class ModelConfig:
 
 @dataclass
 class TrainConfig:
-    objective: Literal["tsdae"] = _help("Training objective.", default="tsdae")
-    learning_rate: float = _help("Peak learning rate.", default=2e-5)
-    batch_size: int = _help("Texts per device per step.", default=8)
+    objective: Literal["mnrl", "tsdae", "tsdae+mnrl", "simcse"] = _help(
+        "mnrl: in-domain (query, document) pairs from --pair_columns with in-batch negatives; tsdae: denoising "
+        "auto-encoder on texts; tsdae+mnrl: both, batches alternating in proportion; simcse: dropout-noise "
+        "contrastive on texts. See README for measured results.", default="mnrl")
+    learning_rate: float = _help("Peak learning rate (measured default for LoRA + mnrl; TSDAE/SimCSE on e5 want "
+                                 "far less, e.g. 2e-5).", default=1e-4)
+    batch_size: int = _help("Texts (or pairs) per device per step; mnrl/simcse use the rest of the batch as "
+                            "negatives, so larger is better for them.", default=32)
     gradient_accumulation_steps: int = _help("Steps to accumulate before an optimizer update.", default=1)
     epochs: float = _help("Passes over the training texts (ignored when max_steps > 0).", default=1.0)
     max_steps: int = _help("Stop after this many optimizer steps (0 = use epochs).", default=0)
@@ -104,6 +114,10 @@ class TrainConfig:
     decoder_vocab: Literal["corpus", "full"] = _help(
         "Decoder softmax over the token ids that occur in the training texts (all targets lie there; much "
         "faster) or over the whole vocabulary.", default="corpus")
+    decoder_warmup_steps: int = _help("TSDAE: optimizer steps during which only the decoder's new weights learn "
+                                      "(the encoder's adapters wait).", default=0)
+    mnrl_scale: float = _help("mnrl/simcse: similarity scale (inverse temperature) of the in-batch softmax.",
+                              default=20.0)
     loss_chunk_tokens: int = _help("Compute the reconstruction loss over this many target tokens at a time, "
                                    "recomputing logits in backward, so batch x length x vocab is never held.",
                                    default=2048)
@@ -111,6 +125,11 @@ class TrainConfig:
     bf16: Literal["auto", "yes", "no"] = _help("bf16 compute on GPUs that support it.", default="auto")
     logging_steps: int = _help("Log the loss every N steps.", default=10)
     save_steps: int = _help("Write a resumable checkpoint every N steps.", default=50)
+    eval_steps: int = _help("Evaluate on the development split every N steps.", default=20)
+    select_best: bool = _help("Keep the state with the best development nDCG@10 (step 0 = the base model), "
+                              "using development pairs from --pair_columns.", default=True)
+    dev_distractors: int = _help("Training documents added to the development collection, so that telling "
+                                 "checkpoints apart is as hard as the real search.", default=1000)
     seed: int = _help("Seed for data split, noise, initialisation and order.", default=42)
     resume: bool = _help("Resume from the last checkpoint in output_dir.", default=False)
     threads: int = _help("CPU threads for torch (0 = torch's default).", default=0)
@@ -126,6 +145,10 @@ class TrainConfig:
         _check(self.loss_chunk_tokens >= 16, "loss_chunk_tokens", "must be >= 16")
         _check(self.logging_steps >= 1, "logging_steps", "must be >= 1")
         _check(self.save_steps >= 1, "save_steps", "must be >= 1")
+        _check(self.eval_steps >= 1, "eval_steps", "must be >= 1")
+        _check(self.dev_distractors >= 0, "dev_distractors", "must be >= 0")
+        _check(self.decoder_warmup_steps >= 0, "decoder_warmup_steps", "must be >= 0")
+        _check(self.mnrl_scale > 0, "mnrl_scale", "must be > 0")
         _check(self.threads >= 0, "threads", "must be >= 0")
 
 

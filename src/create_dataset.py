@@ -1,7 +1,7 @@
 """Training corpus, TSDAE noise, and held-out retrieval data.
 
-- `load_corpus`: a file -> clean, length-filtered, deduplicated (optionally split) texts, with a deterministic
-  train/development split.
+- `load_training_data`: a file -> clean, length-filtered, deduplicated (optionally split) texts, and (query,
+  document) pairs where the file has them, with a deterministic train/development split by item.
 - `WordNoise` + `noisy_dataset`: TSDAE's input corruption (word deletion, optional swap/insertion), drawn afresh
   every epoch and reproducible by seed, with a tokenizer that needs no nltk data.
 - `load_retrieval_data`: a pairs file, or a BEIR-style folder, -> queries, corpus, graded qrels.
@@ -98,23 +98,66 @@ def clean_corpus(texts, cfg: DataConfig) -> tuple[list[str], dict]:
     return kept, counts
 
 
-def load_corpus(cfg: DataConfig, seed: int) -> tuple[list[str], list[str]]:
-    """Read `cfg.train_file` -> (train texts, development texts), deterministic by seed."""
+@dataclass
+class TrainingData:
+    """One training file split by row (item) into training and development parts: texts for the unsupervised
+    objectives, and (query, document) pairs of the same items where the file has pair columns."""
+
+    texts: list[str]
+    dev_texts: list[str]
+    pairs: list[tuple[str, str]] = field(default_factory=list)
+    dev_pairs: list[tuple[str, str]] = field(default_factory=list)
+
+
+def clean_pairs(queries, documents, max_chars: int) -> list[tuple[str, str]]:
+    """Cleaned, truncated (query, document) pairs; empty halves and repeated pairs dropped."""
+    seen, kept = set(), []
+    for query, doc in zip(queries, documents):
+        query, doc = clean_text(query)[:max_chars], clean_text(doc)[:max_chars]
+        key = (normalized_key(query), normalized_key(doc))
+        if query and doc and key not in seen:
+            seen.add(key)
+            kept.append((query, doc))
+    return kept
+
+
+def load_training_data(cfg: DataConfig, seed: int, need_texts: bool = True, need_pairs: bool = False) -> TrainingData:
+    """Read `cfg.train_file` -> TrainingData, split deterministically by seed. Pairs are read when the file has
+    `cfg.pair_columns` (required when `need_pairs`)."""
     frame = read_table(cfg.train_file, cfg.text_column)
-    require_columns(frame, [cfg.text_column], cfg.train_file)
-    texts, counts = clean_corpus(frame[cfg.text_column].tolist(), cfg)
-    logger.info("%s: read %d, dropped %d empty, %d too short, %d duplicates (%d truncated); kept %d",
-                cfg.train_file, counts["read"], counts["empty"], counts["too_short"], counts["duplicates"],
-                counts["truncated"], counts["kept"])
-    if not texts:
-        raise KitError(f"{cfg.train_file}: every text in column '{cfg.text_column}' was filtered away "
-                       f"(empty or under --min_words {cfg.min_words})")
-    order = np.random.default_rng(seed).permutation(len(texts))
-    texts = [texts[i] for i in order]
+    pair_columns = [c.strip() for c in cfg.pair_columns.split(",") if c.strip()]
+    if need_pairs:
+        require_columns(frame, pair_columns, cfg.train_file)
+    if need_texts:
+        require_columns(frame, [cfg.text_column], cfg.train_file)
+    frame = frame.iloc[np.random.default_rng(seed).permutation(len(frame))]
     if cfg.max_train_texts:
-        texts = texts[: cfg.max_train_texts]
-    n_dev = int(round(len(texts) * cfg.validation_fraction))
-    return texts[n_dev:], texts[:n_dev]
+        frame = frame.iloc[: cfg.max_train_texts]
+    n_dev = int(round(len(frame) * cfg.validation_fraction))
+    dev, train = frame.iloc[:n_dev], frame.iloc[n_dev:]
+    data = TrainingData([], [])
+    if need_texts:
+        data.texts, counts = clean_corpus(train[cfg.text_column].tolist(), cfg)
+        logger.info("%s: read %d, dropped %d empty, %d too short, %d duplicates (%d truncated); kept %d",
+                    cfg.train_file, counts["read"], counts["empty"], counts["too_short"], counts["duplicates"],
+                    counts["truncated"], counts["kept"])
+        if not data.texts:
+            raise KitError(f"{cfg.train_file}: every text in column '{cfg.text_column}' was filtered away "
+                           f"(empty or under --min_words {cfg.min_words})")
+        seen = {normalized_key(t) for t in data.texts}
+        data.dev_texts = [t for t in clean_corpus(dev[cfg.text_column].tolist(), cfg)[0]
+                          if normalized_key(t) not in seen]
+    if len(pair_columns) == 2 and all(c in frame for c in pair_columns):
+        data.pairs = clean_pairs(train[pair_columns[0]], train[pair_columns[1]], cfg.max_chars)
+        # an item whose title or description also belongs to a training item would leak into model selection
+        seen = {normalized_key(text) for pair in data.pairs for text in pair}
+        data.dev_pairs = [(q, d) for q, d in clean_pairs(dev[pair_columns[0]], dev[pair_columns[1]], cfg.max_chars)
+                          if normalized_key(q) not in seen and normalized_key(d) not in seen]
+        if need_pairs and not data.pairs:
+            raise KitError(f"{cfg.train_file}: no row has both '{pair_columns[0]}' and '{pair_columns[1]}'")
+        logger.info("%s: %d training pairs, %d development pairs (%s -> %s)", cfg.train_file, len(data.pairs),
+                    len(data.dev_pairs), *pair_columns)
+    return data
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -210,22 +253,30 @@ class RetrievalData:
                 "relevant_per_query": round(float(np.mean(rel)), 3), "notes": self.notes}
 
 
-def load_pairs(path: str, query_column: str, document_column: str) -> RetrievalData:
-    """(query, relevant document) rows. Identical texts share one id, so a query may have several relevant
-    documents and a document may answer several queries."""
-    frame = read_table(path)
-    require_columns(frame, [query_column, document_column], path)
+def pairs_to_retrieval(pairs, source: str) -> RetrievalData:
+    """(query, relevant document) pairs -> RetrievalData. Identical texts share one id, so a query may have
+    several relevant documents and a document may answer several queries."""
     queries, corpus, qrels = {}, {}, {}
     query_ids, doc_ids = {}, {}
-    for row_number, (query, doc) in enumerate(zip(frame[query_column], frame[document_column]), 1):
-        query, doc = clean_text(query), clean_text(doc)
-        if not query or not doc:
-            raise KitError(f"{path}: row {row_number} has an empty '{query_column if not query else document_column}'")
+    for query, doc in pairs:
         qid = query_ids.setdefault(query, f"q{len(query_ids)}")
         did = doc_ids.setdefault(doc, f"d{len(doc_ids)}")
         queries[qid], corpus[did] = query, doc
         qrels.setdefault(qid, {})[did] = 1
-    return RetrievalData(queries, corpus, qrels, source=str(path)).validate()
+    return RetrievalData(queries, corpus, qrels, source=source).validate()
+
+
+def load_pairs(path: str, query_column: str, document_column: str) -> RetrievalData:
+    """A pairs file: one (query, relevant document) per row."""
+    frame = read_table(path)
+    require_columns(frame, [query_column, document_column], path)
+    pairs = []
+    for row_number, (query, doc) in enumerate(zip(frame[query_column], frame[document_column]), 1):
+        query, doc = clean_text(query), clean_text(doc)
+        if not query or not doc:
+            raise KitError(f"{path}: row {row_number} has an empty '{query_column if not query else document_column}'")
+        pairs.append((query, doc))
+    return pairs_to_retrieval(pairs, str(path))
 
 
 def _read_beir_jsonl(path: Path, kind: str) -> dict[str, str]:
@@ -289,9 +340,10 @@ def near_duplicates(texts: list[str], threshold: float = 0.5) -> np.ndarray:
 
 
 def holdout_split(frame: pd.DataFrame, query_field: str, document_field: str, test_items: int, seed: int
-                  ) -> tuple[list[str], RetrievalData]:
-    """Split catalog items into training texts and held-out test data, by item: no test item's query or
-    document text appears in the training texts. The test collection holds every distinct document (the
+                  ) -> tuple[pd.DataFrame, RetrievalData]:
+    """Split catalog items into training items (columns query_field, document_field and `text` =
+    "query. document") and held-out test data, by item: no test item's query or document text appears in
+    the training items. The test collection holds every distinct document (the
     training items' ones act as distractors); a test item is only chosen when its document is unlike every
     other item's (see `near_duplicates`) and its query is unique, since such a pair has one right answer.
     """
@@ -303,12 +355,13 @@ def holdout_split(frame: pd.DataFrame, query_field: str, document_field: str, te
     rng = np.random.default_rng(seed)
     is_test = np.zeros(len(frame), dtype=bool)
     is_test[rng.choice(candidates, min(test_items, len(candidates)), replace=False)] = True
-    train_texts = [f"{q}. {d}" for q, d in zip(frame[query_field][~is_test], frame[document_field][~is_test])]
+    train = frame.loc[~is_test, [query_field, document_field]].reset_index(drop=True)
+    train["text"] = train[query_field] + ". " + train[document_field]
     keep_doc = ~doc_key.duplicated()  # one copy of each distinct document
     corpus = {f"d{i}": frame[document_field][i] for i in np.flatnonzero(keep_doc.to_numpy())}
     queries = {f"q{i}": frame[query_field][i] for i in np.flatnonzero(is_test)}
     qrels = {f"q{i}": {f"d{i}": 1} for i in np.flatnonzero(is_test)}
-    return train_texts, RetrievalData(queries, corpus, qrels, source="holdout").validate()
+    return train, RetrievalData(queries, corpus, qrels, source="holdout").validate()
 
 
 def save_beir(data: RetrievalData, folder: Path) -> None:
@@ -324,11 +377,13 @@ def save_beir(data: RetrievalData, folder: Path) -> None:
 
 def main(argv=None) -> None:
     cfg = parse_config(argv)
-    train, dev = load_corpus(cfg.data, cfg.train.seed)
+    data = load_training_data(cfg.data, cfg.train.seed)
+    train, dev = data.texts, data.dev_texts
     noise = WordNoise(cfg.noise, cfg.train.seed)
     words = [count_words(t) for t in train]
     print(json.dumps({"train_texts": len(train), "dev_texts": len(dev), "mean_words": round(float(np.mean(words)), 1),
-                      "max_words": int(np.max(words))}, ensure_ascii=False))
+                      "max_words": int(np.max(words)),
+                      "train_pairs": len(data.pairs), "dev_pairs": len(data.dev_pairs)}, ensure_ascii=False))
     for i, text in enumerate(train[:3]):
         print(f"\noriginal: {text[:300]}\nnoisy:    {noise(text, i)[:300]}")
 

@@ -1,4 +1,5 @@
-"""One command: data -> model -> TSDAE training -> saved adapter and merged model -> retrieval evaluation.
+"""One command: data -> model -> training (TSDAE / SimCSE / MNRL, see src/objectives.py) -> model selection on
+development pairs -> saved adapter and merged model -> retrieval evaluation against the base model.
 
     python -m src.trainer                      # bundled default: multilingual-e5-small, QLoRA, Russian catalog
     python -m src.trainer --config my.yaml --learning_rate 5e-5 --output_dir runs/mine
@@ -9,7 +10,7 @@ run) and renamed to `<output_dir>/` only when everything is written:
 
     adapter/   PEFT adapter + sentence-transformers files (needs the base model at load time)
     merged/    adapter merged into a full-precision base: a standalone sentence-transformers model
-    config.json  training_log.json  loss.png  run.json  [evaluation/ when eval data is configured]
+    config.json  training_log.json  loss.png  run.json  [best.json]  [evaluation/ when eval data is configured]
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import logging
 import math
 import os
 import shutil
+import signal
 import time
 from pathlib import Path
 
@@ -26,18 +28,20 @@ import torch
 from safetensors.torch import load_file, save_file
 from sentence_transformers import SentenceTransformer
 from sentence_transformers.sentence_transformer.trainer import SentenceTransformerTrainer
+from sentence_transformers.base.sampler import BatchSamplers
 from sentence_transformers.sentence_transformer.training_args import SentenceTransformerTrainingArguments
 from transformers import TrainerCallback, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
 from src.config import Config, parse_config
-from src.create_dataset import WordNoise, load_corpus, noisy_dataset
+from src.create_dataset import TrainingData, WordNoise, load_training_data
 from src.errors import KitError, run_cli
 from src.model_builder import build_model, load_sentence_transformer, pick_device
-from src.tsdae import TSDAELoss, corpus_vocabulary
+from src.objectives import build_objective, dev_evaluator, needs_pairs, needs_texts
 
 logger = logging.getLogger(__name__)
 TRAINABLE_FILE = "trainable_state.safetensors"  # LoRA + decoder weights, beside each checkpoint
+BEST_FILE = "best_state.safetensors"  # trainable state of the best development evaluation
 
 
 class NoiseEpochCallback(TrainerCallback):
@@ -51,31 +55,126 @@ class NoiseEpochCallback(TrainerCallback):
 
 
 class TrainableStateCallback(TrainerCallback):
-    """Write every trainable weight (adapters and the decoder, which the Trainer does not know about) into
+    """Write every trainable weight (adapters, and the TSDAE decoder, which the Trainer does not save) into
     each checkpoint, so that a resumed run continues from exactly the same state."""
 
-    def __init__(self, loss: torch.nn.Module):
-        self.loss = loss
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
 
     def on_save(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
             folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            save_file(trainable_state(self.loss), str(folder / TRAINABLE_FILE))
+            save_file(trainable_state(self.model), str(folder / TRAINABLE_FILE))
+
+
+class DecoderWarmupCallback(TrainerCallback):
+    """For the first `steps` optimizer steps only the decoder's new weights learn. Its cross-attention starts
+    random, so the encoder's early gradients would chase a decoder that cannot yet read a sentence vector."""
+
+    def __init__(self, encoder_params: list[torch.nn.Parameter], steps: int):
+        self.encoder_params, self.steps = encoder_params, steps
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        if state.global_step < self.steps:
+            for p in self.encoder_params:
+                p.grad = None  # AdamW skips parameters without a gradient
+
+
+class BestStateCallback(TrainerCallback):
+    """Model selection: after each development evaluation, keep the trainable state with the best development
+    nDCG@10 (on disk, so a resumed run remembers it). Step 0 is the base model itself (LoRA starts as a no-op),
+    so when training never beats the base on development data, the base is what gets restored."""
+
+    def __init__(self, model: torch.nn.Module, folder: Path):
+        self.model, self.file, self.record = model, folder / BEST_FILE, folder / "best.json"
+        self.best = json.loads(self.record.read_text())["dev_ndcg@10"] if self.record.exists() else -math.inf
+        self.history: list[tuple[int, float]] = []
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        score = dev_score(metrics or {})
+        if score is not None:
+            self.consider(state.global_step, score, state.is_world_process_zero)
+
+    def consider(self, step: int, score: float, main_process: bool = True) -> None:
+        self.history.append((step, score))
+        if score > self.best and main_process:
+            self.best = score
+            save_file(trainable_state(self.model), str(self.file))
+            self.record.write_text(json.dumps({"step": step, "dev_ndcg@10": score}) + "\n")
+            logger.info("step %d: development nDCG@10 %.4f, the best so far", step, score)
+
+    def restore(self) -> dict | None:
+        if not self.file.exists():
+            return None
+        load_trainable_state(self.model, load_file(str(self.file)), strict=False)
+        record = json.loads(self.record.read_text())
+        logger.info("restored the best development state: step %d (nDCG@10 %.4f)", record["step"],
+                    record["dev_ndcg@10"])
+        return record
+
+
+def dev_score(metrics: dict) -> float | None:
+    return next((v for k, v in metrics.items() if "dev_" in k and k.endswith("ndcg@10")), None)
 
 
 def trainable_state(module: torch.nn.Module) -> dict:
     return {n: p.detach().cpu().contiguous() for n, p in module.named_parameters() if p.requires_grad}
 
 
-class TSDAETrainer(SentenceTransformerTrainer):
-    """The sentence-transformers trainer, resuming the kit's trainable state from its own checkpoint file."""
+def load_trainable_state(module: torch.nn.Module, state: dict, strict: bool = True) -> None:
+    """Copy `state` into `module`'s parameters; strict=False skips names the module no longer has (the TSDAE
+    decoder, once training is over)."""
+    params = dict(module.named_parameters())
+    with torch.no_grad():
+        for name, value in state.items():
+            if not strict and name not in params:
+                continue
+            params[name].copy_(value.to(params[name].device))
+
+
+class StopOnSignalCallback(TrainerCallback):
+    """Ctrl-C (SIGINT) or SIGTERM: finish the current step, write a resumable checkpoint, stop. A second signal
+    stops at once (the last regular checkpoint is still there)."""
+
+    def __init__(self):
+        self.received: str | None = None
+        self._previous = {}
+
+    def install(self) -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def uninstall(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame):
+        if self.received:
+            raise KeyboardInterrupt
+        self.received = signal.Signals(signum).name
+        logger.warning("%s received: writing a checkpoint after this step, then stopping", self.received)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.received:
+            control.should_save = control.should_training_stop = True
+
+
+class KitTrainer(SentenceTransformerTrainer):
+    """The sentence-transformers trainer, resuming the kit's trainable state from its own checkpoint file and
+    refusing to take an optimizer step on a non-finite loss."""
+
+    def training_step(self, *args, **kwargs):
+        loss = super().training_step(*args, **kwargs)
+        if not torch.isfinite(loss).all():
+            # Raised before the optimizer step: the weights and the checkpoints on disk are still good.
+            raise KitError(f"the training loss became {loss.item()} at step {self.state.global_step + 1}: stopped. "
+                           f"Checkpoints up to step {self.state.global_step} are kept in {self.args.output_dir}; "
+                           f"lower --learning_rate and continue with --resume, or start again with --overwrite")
+        return loss
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         state = load_file(str(Path(resume_from_checkpoint) / TRAINABLE_FILE))
-        params = dict(self.loss.named_parameters())
-        with torch.no_grad():
-            for name, value in state.items():
-                params[name].copy_(value.to(params[name].device))
+        load_trainable_state(self.model, state)
         logger.info("resumed %d trainable tensors from %s", len(state), resume_from_checkpoint)
 
 
@@ -101,6 +200,7 @@ def prepare_run_folder(cfg: Config) -> Path:
 
 def finalize_run_folder(partial: Path, final: Path) -> None:
     shutil.rmtree(partial / "checkpoints", ignore_errors=True)
+    (partial / BEST_FILE).unlink(missing_ok=True)  # already folded into adapter/ and merged/
     if final.exists():  # only reachable with --overwrite
         trash = final.with_name(final.name + ".old")
         os.replace(final, trash)
@@ -145,7 +245,7 @@ def plot_loss(log_history: list[dict], path: Path) -> None:
         if points:
             ax.plot(*zip(*points), marker="o" if key == "eval_loss" else None, label=label)
     ax.set_xlabel("step")
-    ax.set_ylabel("TSDAE reconstruction loss")
+    ax.set_ylabel("training loss")
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -156,7 +256,7 @@ def plot_loss(log_history: list[dict], path: Path) -> None:
 # --------------------------------------------------------------------------------------------------------
 
 
-def training_arguments(cfg: Config, folder: Path, device: str, has_dev: bool, prompt: str):
+def training_arguments(cfg: Config, folder: Path, device: str, has_dev: bool, prompts: dict):
     t = cfg.train
     bf16 = device == "cuda" and torch.cuda.is_bf16_supported() and t.bf16 != "no"
     return SentenceTransformerTrainingArguments(
@@ -166,12 +266,56 @@ def training_arguments(cfg: Config, folder: Path, device: str, has_dev: bool, pr
         warmup_steps=t.warmup_ratio, lr_scheduler_type=t.lr_scheduler, weight_decay=t.weight_decay,
         logging_steps=t.logging_steps, save_steps=t.save_steps, save_total_limit=2, seed=t.seed,
         data_seed=t.seed, bf16=bf16, use_cpu=device == "cpu", report_to="none",
-        eval_strategy="steps" if has_dev else "no", eval_steps=t.save_steps if has_dev else None,
-        prompts={"noisy": prompt} if prompt else None, dataloader_num_workers=0,
+        eval_strategy="steps" if has_dev else "no", eval_steps=t.eval_steps if has_dev else None,
+        prompts=prompts or None, batch_sampler=BatchSamplers.NO_DUPLICATES, dataloader_num_workers=0,
         ddp_backend="gloo" if device == "cpu" and int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
-        ddp_find_unused_parameters=False,
-        disable_tqdm=False, logging_first_step=True,
+        ddp_find_unused_parameters=False, disable_tqdm=False, logging_first_step=True,
     )
+
+
+def build_trainer(cfg: Config, model, data: TrainingData, folder: Path, device: str):
+    """The objective's datasets and loss, the development evaluator and the kit's callbacks, in one trainer."""
+    objective = build_objective(cfg, model, data)
+    if objective.decoder is not None:
+        # Registered under the Transformer module, so data-parallel wrappers see (and all-reduce) its weights
+        # and the checkpoints include them.
+        model[0].tsdae_decoder = objective.decoder
+    evaluator = (dev_evaluator(model, data, cfg.eval.eval_batch_size, cfg.train.dev_distractors, cfg.train.seed)
+                 if cfg.train.select_best else None)
+    callbacks = [TrainableStateCallback(model), StopOnSignalCallback()]
+    if objective.noise is not None:
+        callbacks.append(NoiseEpochCallback(objective.noise))
+    if objective.decoder is not None and cfg.train.decoder_warmup_steps:
+        decoder_ids = {id(p) for p in objective.decoder.parameters()}
+        encoder_params = [p for p in model.parameters() if p.requires_grad and id(p) not in decoder_ids]
+        callbacks.append(DecoderWarmupCallback(encoder_params, cfg.train.decoder_warmup_steps))
+    best = BestStateCallback(model, folder) if evaluator is not None else None
+    if best is not None:
+        callbacks.append(best)
+    args = training_arguments(cfg, folder, device, objective.eval_dataset is not None or evaluator is not None,
+                              objective.prompts)
+    trainer = KitTrainer(model=model, args=args, train_dataset=objective.train_dataset,
+                         eval_dataset=objective.eval_dataset, loss=objective.loss, evaluator=evaluator,
+                         callbacks=callbacks)
+    return trainer, best
+
+
+def run_training(trainer: KitTrainer, checkpoint: str | None, cfg: Config):
+    """trainer.train, with signals turned into a checkpoint + stop, and out-of-memory turned into advice."""
+    stop = next(c for c in trainer.callback_handler.callbacks if isinstance(c, StopOnSignalCallback))
+    stop.install()
+    try:
+        result = trainer.train(resume_from_checkpoint=checkpoint)
+    except torch.OutOfMemoryError as exc:
+        raise KitError(f"out of memory at batch size {cfg.train.batch_size}: try a smaller --batch_size (with "
+                       f"--gradient_accumulation_steps to keep the effective batch), --gradient_checkpointing, "
+                       f"--precision nf4, or a shorter --max_seq_length; continue with --resume") from exc
+    finally:
+        stop.uninstall()
+    if stop.received:
+        raise KitError(f"stopped by {stop.received} at step {trainer.state.global_step}; a checkpoint is saved "
+                       f"in {trainer.args.output_dir}: run the same command with --resume to continue")
+    return result
 
 
 def train(cfg: Config) -> Path:
@@ -180,43 +324,44 @@ def train(cfg: Config) -> Path:
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     device = pick_device(cfg.train.device)
-    train_texts, dev_texts = load_corpus(cfg.data, cfg.train.seed)  # bad data fails before any folder exists
-    logger.info("training texts: %d, development texts: %d", len(train_texts), len(dev_texts))
+    data = load_training_data(cfg.data, cfg.train.seed, needs_texts(cfg.train.objective),
+                              needs_pairs(cfg.train.objective))  # bad data fails before any folder exists
+    logger.info("objective %s: %d training texts, %d training pairs; development: %d texts, %d pairs",
+                cfg.train.objective, len(data.texts), len(data.pairs), len(data.dev_texts), len(data.dev_pairs))
     world_rank = int(os.environ.get("RANK", "0"))
     folder = prepare_run_folder(cfg) if world_rank == 0 else Path(cfg.output.output_dir + ".partial")
     cfg.save(folder / "config.json")
     model = build_model(cfg.model, device, cfg.train.gradient_checkpointing)
-    vocab = corpus_vocabulary(model, train_texts + dev_texts) if cfg.train.decoder_vocab == "corpus" else None
-    if vocab is not None:
-        logger.info("decoder softmax over %d corpus tokens (of %d)", len(vocab), model[0].auto_model.config.vocab_size)
-    loss = TSDAELoss(model, vocab, cfg.train.loss_chunk_tokens, cfg.train.gradient_checkpointing)
-    # Registered under the Transformer module, so data-parallel wrappers see (and all-reduce) its weights.
-    model[0].tsdae_decoder = loss.decoder
+    trainer, best = build_trainer(cfg, model, data, folder, device)
 
-    noise = WordNoise(cfg.noise, cfg.train.seed)
-    dev_noise = WordNoise(cfg.noise, cfg.train.seed + 1)  # fixed noise: comparable development losses
-    prompt = (model.prompts or {}).get("passage", "")
-    args = training_arguments(cfg, folder, device, bool(dev_texts), prompt)
-    trainer = TSDAETrainer(model=model, args=args, train_dataset=noisy_dataset(train_texts, noise),
-                           eval_dataset=noisy_dataset(dev_texts, dev_noise) if dev_texts else None, loss=loss,
-                           callbacks=[NoiseEpochCallback(noise), TrainableStateCallback(loss)])
-    checkpoint = get_last_checkpoint(args.output_dir) if cfg.train.resume and Path(args.output_dir).is_dir() else None
+    checkpoint = get_last_checkpoint(trainer.args.output_dir) if cfg.train.resume and Path(trainer.args.output_dir).is_dir() else None
     if cfg.train.resume and checkpoint is None:
-        logger.warning("--resume: no checkpoint in %s, starting from the beginning", args.output_dir)
-    result = trainer.train(resume_from_checkpoint=checkpoint)
-    del model[0].tsdae_decoder
+        logger.warning("--resume: no checkpoint in %s, starting from the beginning", trainer.args.output_dir)
+    if best is not None and checkpoint is None:  # step 0, the base model: the bar training has to clear
+        best.consider(0, dev_score(trainer.evaluator(model)), trainer.is_world_process_zero())
+    result = run_training(trainer, checkpoint, cfg)
+    step = trainer.state.global_step
+    if best is not None and (not best.history or best.history[-1][0] != step):  # the final state competes too
+        best.consider(step, dev_score(trainer.evaluator(model)), trainer.is_world_process_zero())
+    if hasattr(model[0], "tsdae_decoder"):
+        del model[0].tsdae_decoder
     if not trainer.is_world_process_zero():
         return folder
+    selected = best.restore() if best is not None else None
 
     history = trainer.state.log_history
     (folder / "training_log.json").write_text(json.dumps(history, indent=2) + "\n", encoding="utf-8")
     plot_loss(history, folder / "loss.png")
     save_models(model, cfg, folder)
-    summary = {"train_texts": len(train_texts), "dev_texts": len(dev_texts), "steps": trainer.state.global_step,
+    summary = {"objective": cfg.train.objective, "train_texts": len(data.texts), "train_pairs": len(data.pairs),
+               "dev_texts": len(data.dev_texts), "dev_pairs": len(data.dev_pairs), "steps": trainer.state.global_step,
                "train_seconds": round(result.metrics.get("train_runtime", 0.0), 1),
                "train_samples_per_second": result.metrics.get("train_samples_per_second"),
                "final_train_loss": result.metrics.get("train_loss"), "device": device,
-               "decoder_vocab": None if vocab is None else len(vocab)}
+               "selected": selected, "dev_ndcg@10_by_step": best.history if best is not None else None}
+    if selected is not None and selected["step"] == 0:
+        logger.warning("no training step beat the base model on the development pairs: the saved model is the "
+                       "base model unchanged")
     if cfg.eval.eval_data:
         from src.evaluation import evaluate_run
 

@@ -19,6 +19,18 @@ def read_texts(path: Path, n: int) -> list[str]:
         return [json.loads(line)["text"] for _, line in zip(range(n), fh)]
 
 
+def run_config(tmp_path, model_path, name, **train):
+    """A few TSDAE steps on 48 Russian catalog texts, no evaluation, no model selection."""
+    from src.config import Config, DataConfig, EvalConfig, ModelConfig, OutputConfig, TrainConfig
+
+    train = {"objective": "tsdae", "batch_size": 4, "learning_rate": 1e-3, "logging_steps": 1, "select_best": False,
+             **train}
+    return Config(data=DataConfig(train_file=str(RU_TRAIN), max_train_texts=48, validation_fraction=0.1),
+                  model=ModelConfig(model_name_or_path=str(model_path), max_seq_length=48),
+                  train=TrainConfig(**train),
+                  eval=EvalConfig(eval_data=""), output=OutputConfig(output_dir=str(tmp_path / name)))
+
+
 def save_tiny_model(folder: Path, tokenizer, config_cls, prompts=None) -> Path:
     from sentence_transformers import SentenceTransformer, models
     from transformers import AutoModel

@@ -8,7 +8,7 @@ import pytest
 
 from conftest import EN_TRAIN, ROOT, RU_TRAIN, read_texts
 from src.config import DataConfig, NoiseConfig, PreprocessConfig
-from src.create_dataset import WordNoise, clean_corpus, count_words, join, load_corpus, noisy_dataset, tokenize
+from src.create_dataset import WordNoise, clean_corpus, count_words, join, load_training_data, noisy_dataset, tokenize
 from src.errors import KitError
 from src.preprocess import clean_text, records_to_texts
 from src.tables import read_table
@@ -39,18 +39,18 @@ def write(path, frame: pd.DataFrame):
 def test_every_format_loads_the_same_texts(tmp_path, suffix):
     frame = pd.DataFrame({"body": TEXTS * 10, "id": range(30)})
     path = write(tmp_path / f"corpus{suffix}", frame)
-    train, dev = load_corpus(DataConfig(train_file=str(path), text_column="body", validation_fraction=0.0), seed=1)
-    assert sorted(train) == sorted(TEXTS)  # duplicates removed
-    assert dev == []
+    data = load_training_data(DataConfig(train_file=str(path), text_column="body", validation_fraction=0.0), seed=1)
+    assert sorted(data.texts) == sorted(TEXTS)  # duplicates removed
+    assert data.dev_texts == [] and data.pairs == []
 
 
 def test_split_is_deterministic_by_seed(tmp_path):
     path = write(tmp_path / "c.jsonl", pd.DataFrame({"text": read_texts(RU_TRAIN, 200)}))
     cfg = DataConfig(train_file=str(path), validation_fraction=0.1)
-    a, b, c = load_corpus(cfg, 3), load_corpus(cfg, 3), load_corpus(cfg, 4)
+    a, b, c = load_training_data(cfg, 3), load_training_data(cfg, 3), load_training_data(cfg, 4)
     assert a == b and a != c
-    assert len(a[1]) == round(0.1 * (len(a[0]) + len(a[1])))
-    assert not set(a[0]) & set(a[1])
+    assert len(a.dev_texts) == round(0.1 * (len(a.texts) + len(a.dev_texts)))
+    assert not set(a.texts) & set(a.dev_texts)
 
 
 @pytest.mark.parametrize("name,content,message", [
@@ -71,7 +71,7 @@ def test_bad_input_gives_one_line_error_naming_the_file(tmp_path, name, content,
     elif content is not None:
         path.write_bytes(content)
     with pytest.raises(KitError) as err:
-        load_corpus(DataConfig(train_file=str(path)), seed=0)
+        load_training_data(DataConfig(train_file=str(path)), seed=0)
     assert message in str(err.value) and str(path) in str(err.value) and "\n" not in str(err.value)
 
 

@@ -1,12 +1,10 @@
 """QLoRA model building, the shared-layer TSDAE decoder, and end-to-end training runs on CPU."""
 
-import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from conftest import RU_TRAIN, read_texts
-from src.config import Config, DataConfig, EvalConfig, ModelConfig, OutputConfig, TrainConfig
+from conftest import RU_TRAIN, read_texts, run_config
+from src.config import ModelConfig
 from src.model_builder import build_model
 from src.tsdae import TSDAELoss, corpus_vocabulary
 
@@ -59,13 +57,6 @@ def test_chunked_corpus_vocab_loss_is_the_full_softmax_restricted(tiny_bert):
     assert full(features) > a(features)
 
 
-def run_config(tmp_path, model_path, name, **train):
-    return Config(data=DataConfig(train_file=str(RU_TRAIN), max_train_texts=48, validation_fraction=0.1),
-                  model=ModelConfig(model_name_or_path=str(model_path), max_seq_length=48),
-                  train=TrainConfig(batch_size=4, learning_rate=1e-3, logging_steps=1, **train),
-                  eval=EvalConfig(eval_data=""), output=OutputConfig(output_dir=str(tmp_path / name)))
-
-
 def encode_both(folder, texts):
     from sentence_transformers import SentenceTransformer
 
@@ -84,39 +75,6 @@ def test_end_to_end_tiny_xlmr_adapter_and_merged_agree(tmp_path, tiny_xlmr):
     assert not (tmp_path / "run.partial").exists() and not (folder / "checkpoints").exists()
     a, m = encode_both(folder, read_texts(RU_TRAIN, 5))
     assert ((a * m).sum(1) > 0.999).all()
-
-
-def test_resume_reaches_the_same_weights(tmp_path, tiny_bert):
-    from transformers import TrainerCallback
-
-    from src import trainer as trainer_module
-
-    whole = trainer_module.train(run_config(tmp_path, tiny_bert, "whole", max_steps=6, save_steps=3))
-
-    class Crash(TrainerCallback):
-        def on_save(self, args, state, control, **kwargs):
-            raise KeyboardInterrupt
-
-    original = trainer_module.TSDAETrainer.__init__
-
-    def crashing_init(self, *args, **kwargs):
-        kwargs["callbacks"] = kwargs["callbacks"] + [Crash()]
-        original(self, *args, **kwargs)
-
-    trainer_module.TSDAETrainer.__init__ = crashing_init
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            trainer_module.train(run_config(tmp_path, tiny_bert, "broken", max_steps=6, save_steps=3))
-    finally:
-        trainer_module.TSDAETrainer.__init__ = original
-    assert (tmp_path / "broken.partial" / "checkpoints" / "checkpoint-3").is_dir()
-    resumed = trainer_module.train(run_config(tmp_path, tiny_bert, "broken", max_steps=6, save_steps=3, resume=True))
-    a = load_file(str(whole / "adapter" / "adapter_model.safetensors"))
-    b = load_file(str(resumed / "adapter" / "adapter_model.safetensors"))
-    assert a.keys() == b.keys()
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-5)
-    assert float(max(v.abs().max() for k, v in a.items() if "lora_B" in k)) > 0  # it did train
 
 
 def test_end_to_end_e5_small_qlora(tmp_path, e5_cache):

