@@ -11,6 +11,7 @@ Designs (batch 8, length 128, AdamW over whatever trains, real Russian catalog t
     kit-full     full fine-tuning, the kit's shared-layer decoder + corpus-vocabulary chunked loss
     kit-lora     LoRA on a full-precision base, the kit's decoder
     kit-qlora    4-bit NF4 base + LoRA, the kit's decoder (the kit's default precision)
+    kit-qlora-gc the same with --gradient_checkpointing (encoder and decoder layers recomputed in backward)
 
 Each design runs in a fresh subprocess, so its peak resident memory (ru_maxrss: everything the process held,
 Python and torch included) is its own. `--rounds N` then runs plain sentence-transformers TSDAE and the kit's
@@ -32,8 +33,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-DESIGNS = ["old-kit", "st-tied", "kit-full", "kit-lora", "kit-qlora"]
-PRECISION = {"old-kit": "nf4", "st-tied": "full", "kit-full": "full", "kit-lora": "none", "kit-qlora": "nf4"}
+DESIGNS = ["old-kit", "st-tied", "kit-full", "kit-lora", "kit-qlora", "kit-qlora-gc"]
+PRECISION = {"old-kit": "nf4", "st-tied": "full", "kit-full": "full", "kit-lora": "none", "kit-qlora": "nf4",
+             "kit-qlora-gc": "nf4"}
 BATCH, LENGTH = 8, 128
 
 
@@ -83,14 +85,17 @@ def build(design: str, path: str):
     from src.model_builder import build_model
     from src.tsdae import TSDAELoss, corpus_vocabulary
 
-    model = build_model(ModelConfig(model_name_or_path=path, precision=PRECISION[design], max_seq_length=LENGTH))
+    checkpointing = design.endswith("-gc")
+    model = build_model(ModelConfig(model_name_or_path=path, precision=PRECISION[design], max_seq_length=LENGTH),
+                        gradient_checkpointing=checkpointing)
     if design in ("old-kit", "st-tied"):
         loss = DenoisingAutoEncoderLoss(model, decoder_name_or_path=path, tie_encoder_decoder=design == "st-tied")
     else:
-        from src.config import DataConfig
+        from src.config import DataConfig, TrainConfig
         from src.create_dataset import load_training_data
 
-        loss = TSDAELoss(model, corpus_vocabulary(model, load_training_data(DataConfig(), 0).texts))
+        texts = load_training_data(DataConfig(), 0).texts
+        loss = TSDAELoss(model, corpus_vocabulary(model, texts), TrainConfig().loss_chunk_tokens, checkpointing)
     params = [p for p in loss.parameters() if p.requires_grad]
     # DenoisingAutoEncoderLoss registers the encoder inside the loss; the kit's loss holds it as `model` too.
     params += [p for p in model.parameters() if p.requires_grad and all(p is not q for q in params)]
@@ -173,8 +178,12 @@ def main() -> None:
             print(f"{name} / {design} ...", file=sys.stderr, flush=True)
             proc = subprocess.run([sys.executable, __file__, "--one", design, path, str(args.steps)],
                                   capture_output=True, text=True)
-            if proc.returncode:
-                error = (proc.stderr.strip().splitlines() or ["exit code %d" % proc.returncode])[-1][:120]
+            if proc.returncode < 0:  # the kernel's out-of-memory killer sends SIGKILL
+                rows.append({"model": name, "design": design, "error": f"killed by signal {-proc.returncode} "
+                                                                      f"(out of memory on this machine?)"})
+            elif proc.returncode:
+                lines = [l for l in proc.stderr.splitlines() if "Error" in l] or proc.stderr.splitlines()
+                error = (lines or [f"exit code {proc.returncode}"])[-1][:120]
                 rows.append({"model": name, "design": design, "error": error})
             else:
                 rows.append({"model": name, **json.loads(proc.stdout.strip().splitlines()[-1])})

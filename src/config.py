@@ -120,7 +120,7 @@ class TrainConfig:
                               default=20.0)
     loss_chunk_tokens: int = _help("Compute the reconstruction loss over this many target tokens at a time, "
                                    "recomputing logits in backward, so batch x length x vocab is never held.",
-                                   default=2048)
+                                   default=512)
     device: Literal["auto", "cpu", "cuda"] = _help("Where to train.", default="auto")
     bf16: Literal["auto", "yes", "no"] = _help("bf16 compute on GPUs that support it.", default="auto")
     logging_steps: int = _help("Log the loss every N steps.", default=10)
@@ -162,11 +162,15 @@ class EvalConfig:
         "FAISS index: exact inner product (flat) or approximate (ivf, hnsw) for millions of documents.",
         default="flat")
     eval_batch_size: int = _help("Texts per encoding batch.", default=64)
+    eval_max_seq_length: int = _help("Encode every compared model with this many tokens at most (0 = each model's "
+                                     "own limit, 512 for e5).", default=0)
     bootstrap_samples: int = _help("Bootstrap resamples for confidence intervals.", default=1000)
     max_eval_queries: int = _help("Evaluate at most this many queries (0 = all).", default=0)
 
     def validate(self):
         _check(self.eval_batch_size >= 1, "eval_batch_size", "must be >= 1")
+        _check(self.eval_max_seq_length == 0 or self.eval_max_seq_length >= 8, "eval_max_seq_length",
+               "must be 0 or >= 8")
         _check(self.bootstrap_samples >= 100, "bootstrap_samples", "must be >= 100")
         _check(self.max_eval_queries >= 0, "max_eval_queries", "must be >= 0")
 

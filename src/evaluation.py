@@ -129,6 +129,7 @@ def evaluate_model(model, data: RetrievalData, cfg: EvalConfig, use_prompts: boo
     per_query = score_rankings(rankings, data.qrels)
     result = {"metrics": {m: float(v.mean()) for m, v in per_query.items()}, "per_query": per_query,
               "documents_per_second": round(doc_rate, 1), "prompts": [query_prompt, doc_prompt],
+              "max_seq_length": model.max_seq_length,
               "anisotropy_diagnostic": anisotropy(doc_emb)}
     if cfg.index != "flat":
         result["index_recall@10_vs_exact"] = approximate_recall(doc_emb, query_emb, cfg.index)
@@ -218,12 +219,12 @@ def markdown_report(summary: dict) -> str:
         if v != "better":
             lines += [f"WARNING: the adapted model is not better than the base model on these held-out pairs. "
                       f"Keep using the base model, or change the recipe.", ""]
-    lines += ["| model | documents/s (encoding) | prompts (query, document) | random-pair cosine mean ± std* |",
-              "|---|---|---|---|"]
+    lines += ["| model | max tokens | documents/s (encoding) | prompts (query, document) | random-pair cosine mean ± std* |",
+              "|---|---|---|---|---|"]
     for n in names:
         r = models[n]
         a = r["anisotropy_diagnostic"]
-        lines.append(f"| {n} | {r['documents_per_second']} | {r['prompts']} | {a['mean']} ± {a['std']} |")
+        lines.append(f"| {n} | {r['max_seq_length']} | {r['documents_per_second']} | {r['prompts']} | {a['mean']} ± {a['std']} |")
     lines += ["", "*Mean cosine of random document pairs is a diagnostic of anisotropy (how crowded the "
               "embedding space is), not a measure of retrieval quality.", "",
               "Settings: `" + json.dumps(summary["settings"], ensure_ascii=False) + "`", ""]
@@ -276,7 +277,10 @@ def run_evaluation(models: dict[str, str], cfg: EvalConfig, folder: Path, seed: 
     results = {}
     for name, path in models.items():
         logger.info("encoding with %s (%s)", name, path)
-        results[name] = evaluate_model(load_model(path), data, cfg)
+        model = load_model(path)
+        if cfg.eval_max_seq_length:
+            model.max_seq_length = cfg.eval_max_seq_length
+        results[name] = evaluate_model(model, data, cfg)
     names = list(results)
     comparison = (compare(results[names[0]]["per_query"], results[names[1]]["per_query"], cfg.bootstrap_samples, seed)
                   if len(names) == 2 else None)

@@ -70,7 +70,8 @@ def quantization_config(device: str):
 
 
 def load_sentence_transformer(cfg: ModelConfig, device: str = "cpu", quantize: bool = False) -> SentenceTransformer:
-    """The encoder as a SentenceTransformer (4-bit base when `quantize`), without adapters."""
+    """The encoder as a SentenceTransformer (4-bit base when `quantize`), without adapters, with its own
+    maximum length."""
     path = resolve_model(cfg.model_name_or_path)
     if (path / "adapter_config.json").exists():
         raise KitError(f"model {path} is a LoRA adapter; train from its base model instead")
@@ -92,7 +93,6 @@ def load_sentence_transformer(cfg: ModelConfig, device: str = "cpu", quantize: b
                                         device=device)
     except (OSError, ValueError) as exc:
         raise KitError(f"model {path}: cannot load ({str(exc).splitlines()[0][:200]})") from exc
-    model.max_seq_length = cfg.max_seq_length
     return model
 
 
@@ -121,6 +121,7 @@ def build_model(cfg: ModelConfig, device: str = "cpu", gradient_checkpointing: b
     from peft import LoraConfig, prepare_model_for_kbit_training
 
     model = load_sentence_transformer(cfg, device, quantize=cfg.precision == "nf4")
+    model.max_seq_length = cfg.max_seq_length  # training length; saved models get their own back (trainer)
     hf_model = model[0].auto_model
     if cfg.precision == "full":
         if gradient_checkpointing:

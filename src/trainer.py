@@ -35,9 +35,9 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from src.config import Config, parse_config
 from src.create_dataset import TrainingData, WordNoise, load_training_data
-from src.errors import KitError, run_cli
+from src.errors import KitError, UsageError, run_cli
 from src.model_builder import build_model, load_sentence_transformer, pick_device
-from src.objectives import build_objective, dev_evaluator, needs_pairs, needs_texts
+from src.objectives import OBJECTIVE_PARTS, build_objective, dev_evaluator, needs_pairs, needs_texts
 
 logger = logging.getLogger(__name__)
 TRAINABLE_FILE = "trainable_state.safetensors"  # LoRA + decoder weights, beside each checkpoint
@@ -216,14 +216,16 @@ def finalize_run_folder(partial: Path, final: Path) -> None:
 
 def save_models(model: SentenceTransformer, cfg: Config, folder: Path) -> None:
     """adapter/ (LoRA runs) and merged/ (always). The merge goes into a freshly loaded full-precision base,
-    never into the 4-bit one, which would re-quantize and lose precision."""
+    never into the 4-bit one, which would re-quantize and lose precision. Both keep the base model's own
+    maximum length: --max_seq_length is a training setting, and evaluation must compare like with like."""
+    base = load_sentence_transformer(cfg.model, device="cpu", quantize=False)
+    model.max_seq_length = base.max_seq_length
     if cfg.model.precision == "full":
         model.save(str(folder / "merged"))
         return
     model.save(str(folder / "adapter"))
-    merged = load_sentence_transformer(cfg.model, device="cpu", quantize=False)
-    merged[0].auto_model = merge_adapter(merged[0].auto_model, folder / "adapter")
-    merged.save(str(folder / "merged"))
+    base[0].auto_model = merge_adapter(base[0].auto_model, folder / "adapter")
+    base.save(str(folder / "merged"))
 
 
 def merge_adapter(base: torch.nn.Module, adapter_dir: Path) -> torch.nn.Module:
@@ -328,9 +330,15 @@ def train(cfg: Config) -> Path:
                               needs_pairs(cfg.train.objective))  # bad data fails before any folder exists
     logger.info("objective %s: %d training texts, %d training pairs; development: %d texts, %d pairs",
                 cfg.train.objective, len(data.texts), len(data.pairs), len(data.dev_texts), len(data.dev_pairs))
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and len(OBJECTIVE_PARTS[cfg.train.objective]) > 1:
+        # DDP would have to find the decoder's unused parameters on mnrl batches, and its unused-parameter search
+        # cannot handle TSDAE's second pass through the same (shared) layers.
+        raise UsageError(f"option --objective {cfg.train.objective}: not supported under torchrun; run tsdae, then "
+                         f"mnrl from its merged/ model, or train on one process")
     world_rank = int(os.environ.get("RANK", "0"))
     folder = prepare_run_folder(cfg) if world_rank == 0 else Path(cfg.output.output_dir + ".partial")
-    cfg.save(folder / "config.json")
+    if world_rank == 0:
+        cfg.save(folder / "config.json")
     model = build_model(cfg.model, device, cfg.train.gradient_checkpointing)
     trainer, best = build_trainer(cfg, model, data, folder, device)
 

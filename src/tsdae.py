@@ -131,7 +131,7 @@ class TSDAELoss(nn.Module):
         Unsupervised Sentence Embedding Learning. Findings of EMNLP 2021. https://arxiv.org/abs/2104.06979
     """
 
-    def __init__(self, model: SentenceTransformer, vocab_ids: torch.Tensor | None = None, chunk_tokens: int = 2048,
+    def __init__(self, model: SentenceTransformer, vocab_ids: torch.Tensor | None = None, chunk_tokens: int = 512,
                  gradient_checkpointing: bool = False):
         super().__init__()
         self.model = model

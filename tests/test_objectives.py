@@ -104,7 +104,9 @@ def test_model_selection_keeps_the_base_when_training_only_hurts(tmp_path, e5_ca
     assert run["selected"]["step"] == 0
     assert "saved model is the base model unchanged" in caplog.text
     texts = read_table(small_test_pairs)["document"].tolist()[:8]
-    merged = SentenceTransformer(str(folder / "merged"), device="cpu").encode(texts, prompt_name="passage")
+    merged = SentenceTransformer(str(folder / "merged"), device="cpu")
+    assert merged.max_seq_length == 512  # trained at 48 tokens, saved with the base model's own limit
+    merged = merged.encode(texts, prompt_name="passage")
     base = SentenceTransformer(str(e5_cache), device="cpu").encode(texts, prompt_name="passage")
     assert np.allclose(merged, base, atol=1e-4)
     assert run["evaluation"]["verdict"] == "not distinguishable"

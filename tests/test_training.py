@@ -86,3 +86,30 @@ def test_end_to_end_e5_small_qlora(tmp_path, e5_cache):
     texts = read_texts(RU_TRAIN, 4)
     a, m = encode_both(folder, texts)
     assert ((a * m).sum(1) > 0.999).all()
+
+
+def test_torchrun_two_cpu_processes_write_one_model(tmp_path, tiny_bert):
+    """Data-parallel TSDAE (the decoder's weights all-reduced with the adapters) on CPU with gloo."""
+    import json
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+           "-m", "src.trainer", "--model_name_or_path", str(tiny_bert), "--objective", "tsdae",
+           "--train_file", str(RU_TRAIN), "--max_train_texts", "120", "--max_seq_length", "32", "--batch_size", "4",
+           "--max_steps", "4", "--eval_steps", "2", "--dev_distractors", "20", "--eval_data", "",
+           "--output_dir", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (out / "merged" / "model.safetensors").is_file() and (out / "adapter").is_dir()
+    assert not (tmp_path / "ddp.partial").exists()
+    assert json.loads((out / "run.json").read_text())["steps"] == 4
