@@ -55,19 +55,21 @@ def test_crash_then_resume_reaches_the_same_weights(tmp_path, tiny_bert, uninter
     assert_same_adapter(uninterrupted, resumed)
 
 
-def test_sigterm_writes_a_checkpoint_and_resume_finishes_the_same(tmp_path, tiny_bert, uninterrupted, monkeypatch):
-    class Terminate(TrainerCallback):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_signal_writes_a_checkpoint_and_resume_finishes_the_same(tmp_path, tiny_bert, uninterrupted, monkeypatch, sig):
+    class Interrupt(TrainerCallback):
         def on_step_begin(self, args, state, control, **kwargs):
             if state.global_step == 1:  # during step 2
-                os.kill(os.getpid(), signal.SIGTERM)
+                os.kill(os.getpid(), sig)
 
+    before = signal.getsignal(sig)
     with monkeypatch.context() as m:
-        with_callback(m, Terminate())
-        with pytest.raises(KitError, match="stopped by SIGTERM at step 2.*--resume"):
-            trainer_module.train(run_config(tmp_path, tiny_bert, "term", max_steps=6, save_steps=3))
-    assert (tmp_path / "term.partial" / "checkpoints" / "checkpoint-2").is_dir()  # not a save_steps multiple
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored
-    resumed = trainer_module.train(run_config(tmp_path, tiny_bert, "term", max_steps=6, save_steps=3, resume=True))
+        with_callback(m, Interrupt())
+        with pytest.raises(KitError, match=f"stopped by {sig.name} at step 2.*--resume"):
+            trainer_module.train(run_config(tmp_path, tiny_bert, "stopped", max_steps=6, save_steps=3))
+    assert (tmp_path / "stopped.partial" / "checkpoints" / "checkpoint-2").is_dir()  # not a save_steps multiple
+    assert signal.getsignal(sig) is before  # handlers restored
+    resumed = trainer_module.train(run_config(tmp_path, tiny_bert, "stopped", max_steps=6, save_steps=3, resume=True))
     assert_same_adapter(uninterrupted, resumed)
 
 
