@@ -32,6 +32,11 @@ def command(model: Path, output_dir: Path, args, resume: bool) -> list[str]:
     return cmd + (["--resume"] if resume else [])
 
 
+def last_step(checkpoints: Path) -> int:
+    steps = [int(p.name.split("-")[1]) for p in checkpoints.glob("checkpoint-*")] if checkpoints.is_dir() else []
+    return max(steps, default=0)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=300)
@@ -54,27 +59,29 @@ def main() -> None:
     print(f"uninterrupted run: {whole_seconds:.0f} s")
 
     rng = random.Random(args.seed)
-    kills = 0
+    checkpoints = work / "killed.partial" / "checkpoints"
+    kills, resumed = 0, False
     while not (work / "killed").exists():
-        proc = subprocess.Popen(command(model, work / "killed", args, kills > 0), cwd=ROOT,
+        proc = subprocess.Popen(command(model, work / "killed", args, resumed), cwd=ROOT,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        if kills < args.kills:
-            time.sleep(rng.uniform(0.3, 1.0) * whole_seconds)
-            if proc.poll() is None:
+        resumed, seen = True, last_step(checkpoints)
+        while proc.poll() is None and kills < args.kills:
+            if last_step(checkpoints) > seen:  # training is under way past a new checkpoint: kill mid-step
+                time.sleep(rng.uniform(0.05, 1.0))
                 proc.kill()  # SIGKILL: no handler runs, only what is already on disk survives
+                proc.wait()
                 kills += 1
-                checkpoints = sorted((work / "killed.partial" / "checkpoints").glob("checkpoint-*"))
-                print(f"kill {kills}: last checkpoint {checkpoints[-1].name if checkpoints else 'none'}")
-                continue
-        if proc.wait() != 0:
+                print(f"kill {kills}: after checkpoint-{last_step(checkpoints)}")
+                break
+            time.sleep(0.1)
+        if proc.wait() not in (0, -9):
             sys.exit(f"a resumed run failed with exit code {proc.returncode}")
-        kills += args.kills  # finished: stop killing
 
     a = load_file(str(work / "whole" / "adapter" / "adapter_model.safetensors"))
     b = load_file(str(work / "killed" / "adapter" / "adapter_model.safetensors"))
     worst = max(float((a[k] - b[k]).abs().max()) for k in a)
     same = a.keys() == b.keys() and worst < 1e-5
-    print(f"{args.steps} steps, {min(kills, args.kills)} kills: max |difference| {worst:.2e} -> "
+    print(f"{args.steps} steps, {kills} kills: max |difference| {worst:.2e} -> "
           f"{'OK, nothing lost' if same else 'DIFFERENT'}")
     sys.exit(0 if same else 1)
 

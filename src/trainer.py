@@ -31,7 +31,6 @@ from sentence_transformers.sentence_transformer.trainer import SentenceTransform
 from sentence_transformers.base.sampler import BatchSamplers
 from sentence_transformers.sentence_transformer.training_args import SentenceTransformerTrainingArguments
 from transformers import TrainerCallback, set_seed
-from transformers.trainer_utils import get_last_checkpoint
 
 from src.config import Config, parse_config
 from src.create_dataset import TrainingData, WordNoise, load_training_data
@@ -64,7 +63,19 @@ class TrainableStateCallback(TrainerCallback):
     def on_save(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
             folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            save_file(trainable_state(self.model), str(folder / TRAINABLE_FILE))
+            # written last and renamed into place: its presence marks the checkpoint complete
+            save_file(trainable_state(self.model), str(folder / (TRAINABLE_FILE + ".tmp")))
+            os.replace(folder / (TRAINABLE_FILE + ".tmp"), folder / TRAINABLE_FILE)
+
+
+def last_complete_checkpoint(folder: Path) -> str | None:
+    """The newest checkpoint whose writing finished (a kill -9 can interrupt the newest one)."""
+    candidates = sorted(folder.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]), reverse=True)
+    for checkpoint in candidates:
+        if (checkpoint / TRAINABLE_FILE).exists():
+            return str(checkpoint)
+        logger.warning("skipping %s: it was not completely written", checkpoint)
+    return None
 
 
 class DecoderWarmupCallback(TrainerCallback):
@@ -342,7 +353,7 @@ def train(cfg: Config) -> Path:
     model = build_model(cfg.model, device, cfg.train.gradient_checkpointing)
     trainer, best = build_trainer(cfg, model, data, folder, device)
 
-    checkpoint = get_last_checkpoint(trainer.args.output_dir) if cfg.train.resume and Path(trainer.args.output_dir).is_dir() else None
+    checkpoint = last_complete_checkpoint(Path(trainer.args.output_dir)) if cfg.train.resume else None
     if cfg.train.resume and checkpoint is None:
         logger.warning("--resume: no checkpoint in %s, starting from the beginning", trainer.args.output_dir)
     if best is not None and checkpoint is None:  # step 0, the base model: the bar training has to clear

@@ -40,7 +40,7 @@ def uninterrupted(tmp_path_factory, tiny_bert):
                                            save_steps=3))
 
 
-def test_crash_then_resume_reaches_the_same_weights(tmp_path, tiny_bert, uninterrupted, monkeypatch):
+def test_crash_then_resume_skips_a_torn_checkpoint_and_reaches_the_same_weights(tmp_path, tiny_bert, uninterrupted, monkeypatch):
     class Crash(TrainerCallback):
         def on_save(self, args, state, control, **kwargs):
             raise KeyboardInterrupt  # dies right after writing checkpoint-3, like kill -9 would
@@ -51,6 +51,9 @@ def test_crash_then_resume_reaches_the_same_weights(tmp_path, tiny_bert, uninter
             trainer_module.train(run_config(tmp_path, tiny_bert, "broken", max_steps=6, save_steps=3))
     assert (tmp_path / "broken.partial" / "checkpoints" / "checkpoint-3").is_dir()
     assert not (tmp_path / "broken").exists()  # nothing looks finished
+    torn = tmp_path / "broken.partial" / "checkpoints" / "checkpoint-5"  # killed while writing a checkpoint
+    torn.mkdir()
+    (torn / "trainer_state.json").write_text("{")
     resumed = trainer_module.train(run_config(tmp_path, tiny_bert, "broken", max_steps=6, save_steps=3, resume=True))
     assert_same_adapter(uninterrupted, resumed)
 
