@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 from pathlib import Path
 
@@ -116,6 +117,13 @@ def lora_targets(hf_model: torch.nn.Module, spec: str) -> list[str]:
     return names
 
 
+def checkpointing_kwargs() -> dict:
+    """Reentrant checkpointing peaks lower (1.94 vs 2.18 GB for an e5-small QLoRA TSDAE step, batch 8 x 128), but
+    it runs a separate backward per layer, and the TSDAE decoder passes through the same layers again: DDP would
+    see a parameter reported ready twice. So: non-reentrant under torchrun only."""
+    return {"use_reentrant": int(os.environ.get("WORLD_SIZE", "1")) == 1}
+
+
 def build_model(cfg: ModelConfig, device: str = "cpu", gradient_checkpointing: bool = False) -> SentenceTransformer:
     """The encoder ready to train: 4-bit + LoRA (nf4), fp + LoRA (none) or all weights trainable (full)."""
     from peft import LoraConfig, prepare_model_for_kbit_training
@@ -125,13 +133,14 @@ def build_model(cfg: ModelConfig, device: str = "cpu", gradient_checkpointing: b
     hf_model = model[0].auto_model
     if cfg.precision == "full":
         if gradient_checkpointing:
-            hf_model.gradient_checkpointing_enable()
+            hf_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing_kwargs())
         return model
     if cfg.precision == "nf4":
-        prepare_model_for_kbit_training(hf_model, use_gradient_checkpointing=gradient_checkpointing)
+        prepare_model_for_kbit_training(hf_model, use_gradient_checkpointing=gradient_checkpointing,
+                                        gradient_checkpointing_kwargs=checkpointing_kwargs())
         keep_trainable_4bit_layout(hf_model)
     elif gradient_checkpointing:
-        hf_model.gradient_checkpointing_enable()
+        hf_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing_kwargs())
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                       target_modules=lora_targets(hf_model, cfg.lora_target_modules), bias="none")
     model.add_adapter(lora)
