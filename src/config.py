@@ -23,191 +23,191 @@ DEFAULT_MODEL = "intfloat/multilingual-e5-small"
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 
 
-def _help(text: str, **kw):
+def help_field(text: str, **kw):
     return field(metadata={"help": text}, **kw)
 
 
 @dataclass
 class DataConfig:
-    train_file: str = _help("Training corpus (CSV/TSV/Parquet/JSONL/JSON/TXT).",
+    train_file: str = help_field("Training corpus (CSV/TSV/Parquet/JSONL/JSON/TXT).",
                             default=str(DATA_DIR / "ru_catalog" / "train.jsonl"))
-    text_column: str = _help("Column holding the text (ignored for .txt).", default="text")
-    pair_columns: str = _help("Two columns 'query,document' of the same item (e.g. title,description): training "
+    text_column: str = help_field("Column holding the text (ignored for .txt).", default="text")
+    pair_columns: str = help_field("Two columns 'query,document' of the same item (e.g. title,description): training "
                               "pairs for the mnrl objectives and development pairs for model selection; "
                               "used when the file has them.", default="title,description")
-    min_words: int = _help("Drop texts with fewer words than this.", default=3)
-    max_chars: int = _help("Truncate longer texts to this many characters (guards against megabyte rows).",
+    min_words: int = help_field("Drop texts with fewer words than this.", default=3)
+    max_chars: int = help_field("Truncate longer texts to this many characters (guards against megabyte rows).",
                            default=2000)
-    split_mode: Literal["none", "sentences", "windows"] = _help(
+    split_mode: Literal["none", "sentences", "windows"] = help_field(
         "Split long texts into sentences or fixed word windows before training.", default="none")
-    window_words: int = _help("Words per window when split_mode=windows.", default=64)
-    max_train_texts: int = _help("Use at most this many training texts (0 = all).", default=0)
-    validation_fraction: float = _help("Fraction of texts held out as a development split.", default=0.05)
+    window_words: int = help_field("Words per window when split_mode=windows.", default=64)
+    max_train_texts: int = help_field("Use at most this many training texts (0 = all).", default=0)
+    validation_fraction: float = help_field("Fraction of texts held out as a development split.", default=0.05)
 
     def validate(self):
-        _check(self.min_words >= 1, "min_words", "must be >= 1")
-        _check(self.max_chars >= 10, "max_chars", "must be >= 10")
-        _check(self.window_words >= 4, "window_words", "must be >= 4")
-        _check(self.max_train_texts >= 0, "max_train_texts", "must be >= 0")
-        _check(0.0 <= self.validation_fraction < 0.5, "validation_fraction", "must be in [0, 0.5)")
+        check_option(self.min_words >= 1, "min_words", "must be >= 1")
+        check_option(self.max_chars >= 10, "max_chars", "must be >= 10")
+        check_option(self.window_words >= 4, "window_words", "must be >= 4")
+        check_option(self.max_train_texts >= 0, "max_train_texts", "must be >= 0")
+        check_option(0.0 <= self.validation_fraction < 0.5, "validation_fraction", "must be in [0, 0.5)")
         names = [c.strip() for c in self.pair_columns.split(",") if c.strip()]
-        _check(len(names) in (0, 2), "pair_columns", "must name two columns 'query,document' (or be '')")
+        check_option(len(names) in (0, 2), "pair_columns", "must name two columns 'query,document' (or be '')")
 
 
 @dataclass
 class NoiseConfig:
-    deletion_ratio: float = _help("TSDAE: fraction of words deleted from the encoder's input (paper: 0.6).",
+    deletion_ratio: float = help_field("TSDAE: fraction of words deleted from the encoder's input (paper: 0.6).",
                                   default=0.6)
-    swap_ratio: float = _help("Optional extra noise: fraction of adjacent word pairs swapped.", default=0.0)
-    insertion_ratio: float = _help("Optional extra noise: fraction of words duplicated at random places.",
+    swap_ratio: float = help_field("Optional extra noise: fraction of adjacent word pairs swapped.", default=0.0)
+    insertion_ratio: float = help_field("Optional extra noise: fraction of words duplicated at random places.",
                                    default=0.0)
 
     def validate(self):
         for name in ("deletion_ratio", "swap_ratio", "insertion_ratio"):
-            _check(0.0 <= getattr(self, name) < 1.0, name, "must be in [0, 1)")
+            check_option(0.0 <= getattr(self, name) < 1.0, name, "must be in [0, 1)")
 
 
 @dataclass
 class ModelConfig:
-    model_name_or_path: str = _help("Encoder: hub name or local folder (sentence-transformers or plain HF "
+    model_name_or_path: str = help_field("Encoder: hub name or local folder (sentence-transformers or plain HF "
                                     "BERT/XLM-R).", default=DEFAULT_MODEL)
-    precision: Literal["nf4", "none", "full"] = _help(
+    precision: Literal["nf4", "none", "full"] = help_field(
         "nf4: QLoRA (4-bit NF4 base + LoRA); none: LoRA on a full-precision base; full: full fine-tuning.",
         default="nf4")
-    lora_r: int = _help("LoRA rank.", default=16)
-    lora_alpha: int = _help("LoRA alpha (scale = alpha / r).", default=32)
-    lora_dropout: float = _help("LoRA dropout.", default=0.05)
-    lora_target_modules: str = _help("Comma-separated module names to adapt, or 'auto' (all attention and "
+    lora_r: int = help_field("LoRA rank.", default=16)
+    lora_alpha: int = help_field("LoRA alpha (scale = alpha / r).", default=32)
+    lora_dropout: float = help_field("LoRA dropout.", default=0.05)
+    lora_target_modules: str = help_field("Comma-separated module names to adapt, or 'auto' (all attention and "
                                      "feed-forward projections of the encoder layers).", default="auto")
-    max_seq_length: int = _help("Maximum tokens per text for training and encoding.", default=128)
-    trust_remote_code: bool = _help("Allow code shipped with a model folder to run (off: safe default).",
+    max_seq_length: int = help_field("Maximum tokens per text for training and encoding.", default=128)
+    trust_remote_code: bool = help_field("Allow code shipped with a model folder to run (off: safe default).",
                                     default=False)
-    allow_pickle: bool = _help("Allow pickle-based (.bin) weights; by default only safetensors load.",
+    allow_pickle: bool = help_field("Allow pickle-based (.bin) weights; by default only safetensors load.",
                                default=False)
 
     def validate(self):
-        _check(self.lora_r >= 1, "lora_r", "must be >= 1")
-        _check(self.lora_alpha >= 1, "lora_alpha", "must be >= 1")
-        _check(0.0 <= self.lora_dropout < 1.0, "lora_dropout", "must be in [0, 1)")
-        _check(8 <= self.max_seq_length <= 8192, "max_seq_length", "must be in [8, 8192]")
+        check_option(self.lora_r >= 1, "lora_r", "must be >= 1")
+        check_option(self.lora_alpha >= 1, "lora_alpha", "must be >= 1")
+        check_option(0.0 <= self.lora_dropout < 1.0, "lora_dropout", "must be in [0, 1)")
+        check_option(8 <= self.max_seq_length <= 8192, "max_seq_length", "must be in [8, 8192]")
 
 
 @dataclass
 class TrainConfig:
-    objective: Literal["mnrl", "tsdae", "tsdae+mnrl", "simcse"] = _help(
+    objective: Literal["mnrl", "tsdae", "tsdae+mnrl", "simcse"] = help_field(
         "mnrl: in-domain (query, document) pairs from --pair_columns with in-batch negatives; tsdae: denoising "
         "auto-encoder on texts; tsdae+mnrl: both, batches alternating in proportion; simcse: dropout-noise "
         "contrastive on texts. See README for measured results.", default="mnrl")
-    learning_rate: float = _help("Peak learning rate (measured default for LoRA + mnrl; TSDAE/SimCSE on e5 want "
+    learning_rate: float = help_field("Peak learning rate (measured default for LoRA + mnrl; TSDAE/SimCSE on e5 want "
                                  "far less, e.g. 2e-5).", default=1e-4)
-    batch_size: int = _help("Texts (or pairs) per device per step; mnrl/simcse use the rest of the batch as "
+    batch_size: int = help_field("Texts (or pairs) per device per step; mnrl/simcse use the rest of the batch as "
                             "negatives, so larger is better for them.", default=32)
-    gradient_accumulation_steps: int = _help("Steps to accumulate before an optimizer update.", default=1)
-    epochs: float = _help("Passes over the training texts (ignored when max_steps > 0).", default=1.0)
-    max_steps: int = _help("Stop after this many optimizer steps (0 = use epochs).", default=0)
-    warmup_ratio: float = _help("Fraction of steps for linear warm-up.", default=0.1)
-    lr_scheduler: Literal["constant_with_warmup", "linear", "cosine"] = _help(
+    gradient_accumulation_steps: int = help_field("Steps to accumulate before an optimizer update.", default=1)
+    epochs: float = help_field("Passes over the training texts (ignored when max_steps > 0).", default=1.0)
+    max_steps: int = help_field("Stop after this many optimizer steps (0 = use epochs).", default=0)
+    warmup_ratio: float = help_field("Fraction of steps for linear warm-up.", default=0.1)
+    lr_scheduler: Literal["constant_with_warmup", "linear", "cosine"] = help_field(
         "Learning-rate schedule after warm-up.", default="constant_with_warmup")
-    weight_decay: float = _help("AdamW weight decay.", default=0.0)
-    gradient_checkpointing: bool = _help("Recompute activations in backward: half the peak memory of a QLoRA step "
+    weight_decay: float = help_field("AdamW weight decay.", default=0.0)
+    gradient_checkpointing: bool = help_field("Recompute activations in backward: half the peak memory of a QLoRA step "
                                          "(1.9 vs 3.8 GB for e5-small, batch 8, length 128, CPU) for ~1.6x its time. "
                                          "Turn off (--gradient_checkpointing false) when memory is plentiful.",
                                          default=True)
-    decoder_vocab: Literal["corpus", "full"] = _help(
+    decoder_vocab: Literal["corpus", "full"] = help_field(
         "Decoder softmax over the token ids that occur in the training texts (all targets lie there; much "
         "faster) or over the whole vocabulary.", default="corpus")
-    decoder_warmup_steps: int = _help("TSDAE: optimizer steps during which only the decoder's new weights learn "
+    decoder_warmup_steps: int = help_field("TSDAE: optimizer steps during which only the decoder's new weights learn "
                                       "(the encoder's adapters wait).", default=0)
-    mnrl_scale: float = _help("mnrl/simcse: similarity scale (inverse temperature) of the in-batch softmax.",
+    mnrl_scale: float = help_field("mnrl/simcse: similarity scale (inverse temperature) of the in-batch softmax.",
                               default=20.0)
-    loss_chunk_tokens: int = _help("Compute the reconstruction loss over this many target tokens at a time, "
+    loss_chunk_tokens: int = help_field("Compute the reconstruction loss over this many target tokens at a time, "
                                    "recomputing logits in backward, so batch x length x vocab is never held.",
                                    default=512)
-    device: Literal["auto", "cpu", "cuda"] = _help("Where to train.", default="auto")
-    bf16: Literal["auto", "yes", "no"] = _help("bf16 compute on GPUs that support it.", default="auto")
-    logging_steps: int = _help("Log the loss every N steps.", default=10)
-    save_steps: int = _help("Write a resumable checkpoint every N steps.", default=50)
-    eval_steps: int = _help("Evaluate on the development split every N steps.", default=20)
-    select_best: bool = _help("Keep the state with the best development nDCG@10 (step 0 = the base model), "
+    device: Literal["auto", "cpu", "cuda"] = help_field("Where to train.", default="auto")
+    bf16: Literal["auto", "yes", "no"] = help_field("bf16 compute on GPUs that support it.", default="auto")
+    logging_steps: int = help_field("Log the loss every N steps.", default=10)
+    save_steps: int = help_field("Write a resumable checkpoint every N steps.", default=50)
+    eval_steps: int = help_field("Evaluate on the development split every N steps.", default=20)
+    select_best: bool = help_field("Keep the state with the best development nDCG@10 (step 0 = the base model), "
                               "using development pairs from --pair_columns.", default=True)
-    dev_distractors: int = _help("Training documents added to the development collection, so that telling "
+    dev_distractors: int = help_field("Training documents added to the development collection, so that telling "
                                  "checkpoints apart is as hard as the real search.", default=1000)
-    seed: int = _help("Seed for data split, noise, initialisation and order.", default=42)
-    resume: bool = _help("Resume from the last checkpoint in output_dir.", default=False)
-    threads: int = _help("CPU threads for torch (0 = torch's default).", default=0)
+    seed: int = help_field("Seed for data split, noise, initialisation and order.", default=42)
+    resume: bool = help_field("Resume from the last checkpoint in output_dir.", default=False)
+    threads: int = help_field("CPU threads for torch (0 = torch's default).", default=0)
 
     def validate(self):
-        _check(self.learning_rate > 0 and math.isfinite(self.learning_rate), "learning_rate", "must be > 0")
-        _check(self.batch_size >= 1, "batch_size", "must be >= 1")
-        _check(self.gradient_accumulation_steps >= 1, "gradient_accumulation_steps", "must be >= 1")
-        _check(self.epochs > 0, "epochs", "must be > 0")
-        _check(self.max_steps >= 0, "max_steps", "must be >= 0")
-        _check(0.0 <= self.warmup_ratio < 1.0, "warmup_ratio", "must be in [0, 1)")
-        _check(self.weight_decay >= 0, "weight_decay", "must be >= 0")
-        _check(self.loss_chunk_tokens >= 16, "loss_chunk_tokens", "must be >= 16")
-        _check(self.logging_steps >= 1, "logging_steps", "must be >= 1")
-        _check(self.save_steps >= 1, "save_steps", "must be >= 1")
-        _check(self.eval_steps >= 1, "eval_steps", "must be >= 1")
-        _check(self.dev_distractors >= 0, "dev_distractors", "must be >= 0")
-        _check(self.decoder_warmup_steps >= 0, "decoder_warmup_steps", "must be >= 0")
-        _check(self.mnrl_scale > 0, "mnrl_scale", "must be > 0")
-        _check(self.threads >= 0, "threads", "must be >= 0")
+        check_option(self.learning_rate > 0 and math.isfinite(self.learning_rate), "learning_rate", "must be > 0")
+        check_option(self.batch_size >= 1, "batch_size", "must be >= 1")
+        check_option(self.gradient_accumulation_steps >= 1, "gradient_accumulation_steps", "must be >= 1")
+        check_option(self.epochs > 0, "epochs", "must be > 0")
+        check_option(self.max_steps >= 0, "max_steps", "must be >= 0")
+        check_option(0.0 <= self.warmup_ratio < 1.0, "warmup_ratio", "must be in [0, 1)")
+        check_option(self.weight_decay >= 0, "weight_decay", "must be >= 0")
+        check_option(self.loss_chunk_tokens >= 16, "loss_chunk_tokens", "must be >= 16")
+        check_option(self.logging_steps >= 1, "logging_steps", "must be >= 1")
+        check_option(self.save_steps >= 1, "save_steps", "must be >= 1")
+        check_option(self.eval_steps >= 1, "eval_steps", "must be >= 1")
+        check_option(self.dev_distractors >= 0, "dev_distractors", "must be >= 0")
+        check_option(self.decoder_warmup_steps >= 0, "decoder_warmup_steps", "must be >= 0")
+        check_option(self.mnrl_scale > 0, "mnrl_scale", "must be > 0")
+        check_option(self.threads >= 0, "threads", "must be >= 0")
 
 
 @dataclass
 class EvalConfig:
-    eval_data: str = _help("Held-out retrieval data: a pairs file (CSV/TSV/JSONL/Parquet), a BEIR-style folder, "
+    eval_data: str = help_field("Held-out retrieval data: a pairs file (CSV/TSV/JSONL/Parquet), a BEIR-style folder, "
                            "or '' to skip evaluation.", default=str(DATA_DIR / "ru_catalog" / "test"))
-    query_column: str = _help("Pairs file: column with the query.", default="query")
-    document_column: str = _help("Pairs file: column with the relevant document.", default="document")
-    index: Literal["flat", "ivf", "hnsw"] = _help(
+    query_column: str = help_field("Pairs file: column with the query.", default="query")
+    document_column: str = help_field("Pairs file: column with the relevant document.", default="document")
+    index: Literal["flat", "ivf", "hnsw"] = help_field(
         "FAISS index: exact inner product (flat) or approximate (ivf, hnsw) for millions of documents.",
         default="flat")
-    eval_batch_size: int = _help("Texts per encoding batch.", default=64)
-    eval_max_seq_length: int = _help("Encode every compared model with this many tokens at most (0 = each model's "
+    eval_batch_size: int = help_field("Texts per encoding batch.", default=64)
+    eval_max_seq_length: int = help_field("Encode every compared model with this many tokens at most (0 = each model's "
                                      "own limit, 512 for e5).", default=0)
-    bootstrap_samples: int = _help("Bootstrap resamples for confidence intervals.", default=1000)
-    max_eval_queries: int = _help("Evaluate at most this many queries (0 = all).", default=0)
+    bootstrap_samples: int = help_field("Bootstrap resamples for confidence intervals.", default=1000)
+    max_eval_queries: int = help_field("Evaluate at most this many queries (0 = all).", default=0)
 
     def validate(self):
-        _check(self.eval_batch_size >= 1, "eval_batch_size", "must be >= 1")
-        _check(self.eval_max_seq_length == 0 or self.eval_max_seq_length >= 8, "eval_max_seq_length",
+        check_option(self.eval_batch_size >= 1, "eval_batch_size", "must be >= 1")
+        check_option(self.eval_max_seq_length == 0 or self.eval_max_seq_length >= 8, "eval_max_seq_length",
                "must be 0 or >= 8")
-        _check(self.bootstrap_samples >= 100, "bootstrap_samples", "must be >= 100")
-        _check(self.max_eval_queries >= 0, "max_eval_queries", "must be >= 0")
+        check_option(self.bootstrap_samples >= 100, "bootstrap_samples", "must be >= 100")
+        check_option(self.max_eval_queries >= 0, "max_eval_queries", "must be >= 0")
 
 
 @dataclass
 class OutputConfig:
-    output_dir: str = _help("Run folder (written atomically).", default="runs/e5-small-ru")
-    overwrite: bool = _help("Replace an existing, finished output_dir.", default=False)
+    output_dir: str = help_field("Run folder (written atomically).", default="runs/e5-small-ru")
+    overwrite: bool = help_field("Replace an existing, finished output_dir.", default=False)
 
     def validate(self):
-        _check(bool(self.output_dir.strip()), "output_dir", "must not be empty")
+        check_option(bool(self.output_dir.strip()), "output_dir", "must not be empty")
 
 
 @dataclass
 class PreprocessConfig:
     """Settings of `python -m src.preprocess` (raw catalog records -> training texts)."""
 
-    input_file: str = _help("Raw records (CSV/TSV/Parquet/JSONL/JSON).", default="")
-    output_file: str = _help("Where to write the texts (.parquet or .jsonl, column `text`).", default="")
-    title_field: str = _help("Name/title column.", default="title")
-    attributes_field: str = _help("Column holding a JSON or dict-like mapping of attributes ('' = none).",
+    input_file: str = help_field("Raw records (CSV/TSV/Parquet/JSONL/JSON).", default="")
+    output_file: str = help_field("Where to write the texts (.parquet or .jsonl, column `text`).", default="")
+    title_field: str = help_field("Name/title column.", default="title")
+    attributes_field: str = help_field("Column holding a JSON or dict-like mapping of attributes ('' = none).",
                                   default="")
-    attribute_columns: str = _help("Comma-separated flat columns used as attributes ('' = none).", default="")
-    description_field: str = _help("Optional description column ('' = none).", default="description")
-    template: str = _help("How one item becomes one text; placeholders {title}, {attributes}, {description}.",
+    attribute_columns: str = help_field("Comma-separated flat columns used as attributes ('' = none).", default="")
+    description_field: str = help_field("Optional description column ('' = none).", default="description")
+    template: str = help_field("How one item becomes one text; placeholders {title}, {attributes}, {description}.",
                           default="{title}. {attributes}. {description}")
-    min_chars: int = _help("Drop texts shorter than this after cleaning.", default=10)
-    keep_columns: str = _help("Comma-separated input columns copied to the output (e.g. id).", default="")
+    min_chars: int = help_field("Drop texts shorter than this after cleaning.", default=10)
+    keep_columns: str = help_field("Comma-separated input columns copied to the output (e.g. id).", default="")
 
     def validate(self):
-        _check(bool(self.input_file), "input_file", "is required")
-        _check(bool(self.output_file), "output_file", "is required")
-        _check(any(p in self.template for p in ("{title}", "{attributes}", "{description}")), "template",
+        check_option(bool(self.input_file), "input_file", "is required")
+        check_option(bool(self.output_file), "output_file", "is required")
+        check_option(any(p in self.template for p in ("{title}", "{attributes}", "{description}")), "template",
                "must use at least one of {title}, {attributes}, {description}")
-        _check(self.min_chars >= 1, "min_chars", "must be >= 1")
+        check_option(self.min_chars >= 1, "min_chars", "must be >= 1")
 
 
 GROUPS = {"data": DataConfig, "noise": NoiseConfig, "model": ModelConfig, "train": TrainConfig,
@@ -235,7 +235,7 @@ class Config:
         path.write_text(json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-def _check(ok: bool, option: str, message: str) -> None:
+def check_option(ok: bool, option: str, message: str) -> None:
     if not ok:
         raise UsageError(f"option --{option}: {message}")
 

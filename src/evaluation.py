@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from src.config import EvalConfig, _help
+from src.config import EvalConfig, help_field
 from src.create_dataset import RetrievalData, load_retrieval_data
 from src.errors import KitError, UsageError, run_cli
 
@@ -308,11 +308,11 @@ def evaluate_run(cfg, folder: Path) -> dict:
 
 @dataclass
 class EvaluationArguments:
-    model: str = _help("Model to evaluate (folder or hub name; an adapter/ folder works too).", default="")
-    baseline: str = _help("Optional model to compare against (e.g. the base model).", default="")
-    output_dir: str = _help("Where to write metrics.json, report.md and metrics.png.", default="evaluation")
-    overwrite: bool = _help("Replace reports already in output_dir.", default=False)
-    seed: int = _help("Seed for query sampling and the bootstrap.", default=0)
+    model: str = help_field("Model to evaluate (folder or hub name; an adapter/ folder works too).", default="")
+    baseline: str = help_field("Optional model to compare against (e.g. the base model).", default="")
+    output_dir: str = help_field("Where to write metrics.json, report.md and metrics.png.", default="evaluation")
+    overwrite: bool = help_field("Replace reports already in output_dir.", default=False)
+    seed: int = help_field("Seed for query sampling and the bootstrap.", default=0)
 
 
 def main(argv=None) -> None:

@@ -19,7 +19,7 @@ import unicodedata
 
 import pandas as pd
 
-from src.config import PreprocessConfig, _check
+from src.config import PreprocessConfig, check_option
 from src.errors import KitError, run_cli
 from src.tables import read_table, require_columns, write_table
 
@@ -108,7 +108,7 @@ def main(argv=None) -> None:
     texts, counts = records_to_texts(frame, cfg, source=cfg.input_file)
     logger.info("records %(records)d: dropped %(dropped_empty)d empty, %(dropped_too_short)d too short, "
                 "%(dropped_duplicates)d duplicates; kept %(kept)d", counts)
-    _check(len(texts) > 0, "input_file", f"{cfg.input_file}: every text was filtered away")
+    check_option(len(texts) > 0, "input_file", f"{cfg.input_file}: every text was filtered away")
     path = write_table(texts, cfg.output_file)
     print(json.dumps({"output_file": str(path), **counts}, ensure_ascii=False))
 
