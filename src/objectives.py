@@ -40,6 +40,11 @@ def needs_texts(objective: str) -> bool:
     return any(p in ("tsdae", "simcse") for p in OBJECTIVE_PARTS[objective])
 
 
+def uses_in_batch_negatives(objective: str) -> bool:
+    """mnrl and simcse treat the rest of the batch as negatives, so a batch must not hold a text twice."""
+    return any(p != "tsdae" for p in OBJECTIVE_PARTS[objective])
+
+
 @dataclass
 class Objective:
     """What the trainer needs: datasets and losses (dicts keyed by part when there are several), the prompt

@@ -36,7 +36,8 @@ from src.config import Config, parse_config
 from src.create_dataset import TrainingData, WordNoise, load_training_data
 from src.errors import KitError, UsageError, run_cli
 from src.model_builder import build_model, load_sentence_transformer, pick_device
-from src.objectives import OBJECTIVE_PARTS, build_objective, dev_evaluator, needs_pairs, needs_texts
+from src.objectives import (OBJECTIVE_PARTS, build_objective, dev_evaluator, needs_pairs, needs_texts,
+                            uses_in_batch_negatives)
 
 logger = logging.getLogger(__name__)
 TRAINABLE_FILE = "trainable_state.safetensors"  # LoRA + decoder weights, beside each checkpoint
@@ -280,7 +281,9 @@ def training_arguments(cfg: Config, folder: Path, device: str, has_dev: bool, pr
         logging_steps=t.logging_steps, save_steps=t.save_steps, save_total_limit=2, seed=t.seed,
         data_seed=t.seed, bf16=bf16, use_cpu=device == "cpu", report_to="none",
         eval_strategy="steps" if has_dev else "no", eval_steps=t.eval_steps if has_dev else None,
-        prompts=prompts or None, batch_sampler=BatchSamplers.NO_DUPLICATES, dataloader_num_workers=0,
+        prompts=prompts or None, dataloader_num_workers=0,
+        # The duplicate check reads every row: for TSDAE alone that would compute each text's noise twice.
+        batch_sampler=BatchSamplers.NO_DUPLICATES if uses_in_batch_negatives(t.objective) else BatchSamplers.BATCH_SAMPLER,
         ddp_backend="gloo" if device == "cpu" and int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
         ddp_find_unused_parameters=False, disable_tqdm=False, logging_first_step=True,
     )
