@@ -64,9 +64,7 @@ class TrainableStateCallback(TrainerCallback):
     def on_save(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
             folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            # written last and renamed into place: its presence marks the checkpoint complete
-            save_file(trainable_state(self.model), str(folder / (TRAINABLE_FILE + ".tmp")))
-            os.replace(folder / (TRAINABLE_FILE + ".tmp"), folder / TRAINABLE_FILE)
+            save_trainable_state(self.model, folder / TRAINABLE_FILE)  # written last: marks the checkpoint complete
 
 
 def last_complete_checkpoint(folder: Path) -> str | None:
@@ -111,7 +109,7 @@ class BestStateCallback(TrainerCallback):
         self.history.append((step, score))
         if score > self.best and main_process:
             self.best = score
-            save_file(trainable_state(self.model), str(self.file))
+            save_trainable_state(self.model, self.file)
             self.record.write_text(json.dumps({"step": step, "dev_ndcg@10": score}) + "\n")
             logger.info("step %d: development nDCG@10 %.4f, the best so far", step, score)
 
@@ -131,6 +129,13 @@ def dev_score(metrics: dict) -> float | None:
 
 def trainable_state(module: torch.nn.Module) -> dict:
     return {n: p.detach().cpu().contiguous() for n, p in module.named_parameters() if p.requires_grad}
+
+
+def save_trainable_state(module: torch.nn.Module, path: Path) -> None:
+    """Written to a temporary name and renamed into place, so a kill never leaves half a file under `path`."""
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(trainable_state(module), str(tmp))
+    os.replace(tmp, path)
 
 
 def load_trainable_state(module: torch.nn.Module, state: dict, strict: bool = True) -> None:
