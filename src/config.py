@@ -50,8 +50,11 @@ class DataConfig:
         check_option(self.window_words >= 4, "window_words", "must be >= 4")
         check_option(self.max_train_texts >= 0, "max_train_texts", "must be >= 0")
         check_option(0.0 <= self.validation_fraction < 0.5, "validation_fraction", "must be in [0, 0.5)")
-        names = [c.strip() for c in self.pair_columns.split(",") if c.strip()]
-        check_option(len(names) in (0, 2), "pair_columns", "must name two columns 'query,document' (or be '')")
+        check_option(len(self.pair_column_names()) in (0, 2), "pair_columns",
+                     "must name two columns 'query,document' (or be '')")
+
+    def pair_column_names(self) -> list[str]:
+        return [c.strip() for c in self.pair_columns.split(",") if c.strip()]
 
 
 @dataclass

@@ -125,7 +125,7 @@ def load_training_data(cfg: DataConfig, seed: int, need_texts: bool = True, need
     """Read `cfg.train_file` -> TrainingData, split deterministically by seed. Pairs are read when the file has
     `cfg.pair_columns` (required when `need_pairs`)."""
     frame = read_table(cfg.train_file, cfg.text_column)
-    pair_columns = [c.strip() for c in cfg.pair_columns.split(",") if c.strip()]
+    pair_columns = cfg.pair_column_names()
     if need_pairs:
         require_columns(frame, pair_columns, cfg.train_file)
     if need_texts:
