@@ -2,7 +2,7 @@
 against the kit's, step for step.
 
     python scripts/benchmark_training.py                       # e5-small + XLM-R-large-sized, all designs
-    python scripts/benchmark_training.py --models e5-small --steps 4 --rounds 4
+    python scripts/benchmark_training.py --models e5-small --designs st-tied,kit-qlora-gc --rounds 4
 
 Designs (batch 8, length 128, AdamW over whatever trains, real Russian catalog texts with 60% deletion):
     old-kit      4-bit encoder + LoRA, sentence-transformers' DenoisingAutoEncoderLoss with an untied decoder
@@ -10,12 +10,16 @@ Designs (batch 8, length 128, AdamW over whatever trains, real Russian catalog t
     st-tied      full fine-tuning, DenoisingAutoEncoderLoss tied (plain sentence-transformers TSDAE)
     kit-full     full fine-tuning, the kit's shared-layer decoder + corpus-vocabulary chunked loss
     kit-lora     LoRA on a full-precision base, the kit's decoder
-    kit-qlora    4-bit NF4 base + LoRA, the kit's decoder (the kit's default precision)
-    kit-qlora-gc the same with --gradient_checkpointing (encoder and decoder layers recomputed in backward)
+    kit-qlora    4-bit NF4 base + LoRA, the kit's decoder, without gradient checkpointing
+    kit-qlora-gc the kit's default step: the same with gradient checkpointing (layers recomputed in backward)
+Kit designs run with the kit's defaults (no LoRA or attention dropout, bf16 autocast where the CPU computes bf16
+natively); plain sentence-transformers keeps the model's dropout and fp32, as its users run it.
 
 Each design runs in a fresh subprocess, so its peak resident memory (ru_maxrss: everything the process held,
 Python and torch included) is its own. `--rounds N` then runs plain sentence-transformers TSDAE and the kit's
-QLoRA step in ONE process, alternating, so both see the same machine state, and prints the speed ratio.
+steps in ONE process, alternating, so all see the same machine state, and prints the speed ratios.
+`--quality_steps N` trains plain sentence-transformers TSDAE and the kit's default step on the same N batches
+and compares their held-out nDCG@10 (paired bootstrap over queries): the speed must not cost quality.
 XLM-R-large-sized means a randomly initialised 24-layer, 1024-wide XLM-R with e5's 250k-token vocabulary:
 weights do not matter for memory and speed. Results: a table on stdout, JSON + Markdown in --output_dir.
 """
@@ -37,6 +41,8 @@ DESIGNS = ["old-kit", "st-tied", "kit-full", "kit-lora", "kit-qlora", "kit-qlora
 PRECISION = {"old-kit": "nf4", "st-tied": "full", "kit-full": "full", "kit-lora": "none", "kit-qlora": "nf4",
              "kit-qlora-gc": "nf4"}
 BATCH, LENGTH = 8, 128
+ALTERNATING = ("st-tied", "kit-qlora-gc", "kit-qlora")  # plain ST first: the speed-ups are relative to it
+QUALITY = ("st-tied", "kit-qlora-gc")
 
 
 def model_path(name: str, workdir: Path) -> str:
@@ -61,51 +67,65 @@ def model_path(name: str, workdir: Path) -> str:
     return str(folder)
 
 
-def batches(model, steps: int, seed: int = 0):
-    """`steps` (noisy, original) feature pairs of the longest catalog texts, cut at LENGTH tokens."""
-    from src.config import DataConfig, NoiseConfig
-    from src.create_dataset import WordNoise, load_training_data
+def noisy_batches(model, texts: list[str], seed: int = 0) -> list:
+    """(noisy, original) feature pairs, BATCH texts each, with the kit's 60% word deletion."""
+    from src.config import NoiseConfig
+    from src.create_dataset import WordNoise
 
-    texts = sorted(load_training_data(DataConfig(), seed).texts, key=len, reverse=True)[: steps * BATCH]
     noise = WordNoise(NoiseConfig(), seed)
     out = []
-    for i in range(steps):
-        chunk = texts[i * BATCH : (i + 1) * BATCH]
-        noisy = [noise(t, j) for j, t in enumerate(chunk)]
-        out.append([model.tokenize(noisy), model.tokenize(chunk)])
-    return out, texts
+    for start in range(0, len(texts) - BATCH + 1, BATCH):
+        chunk = texts[start : start + BATCH]
+        out.append([model.tokenize([noise(t, start + j) for j, t in enumerate(chunk)]), model.tokenize(chunk)])
+    return out
 
 
-def build(design: str, path: str):
-    """(model, loss, optimizer) of one design."""
+def training_texts(seed: int = 0) -> list[str]:
+    from src.config import DataConfig
+    from src.create_dataset import load_training_data
+
+    return load_training_data(DataConfig(), seed).texts
+
+
+def longest_batches(model, steps: int) -> list:
+    """`steps` batches of the longest catalog texts, cut at LENGTH tokens: every batch is full length."""
+    return noisy_batches(model, sorted(training_texts(), key=len, reverse=True)[: steps * BATCH])
+
+
+def build(design: str, path: str, lr: float = 1e-5):
+    """(model, loss, optimizer, bf16) of one design. Kit designs use the kit's defaults (ModelConfig,
+    TrainConfig: no LoRA or attention dropout, bf16 where the CPU has it); plain sentence-transformers keeps the
+    model's own dropout and fp32, as its users run it, and the old kit its LoRA dropout of 0.05."""
     import torch
     from sentence_transformers.sentence_transformer.losses import DenoisingAutoEncoderLoss
 
-    from src.config import ModelConfig
-    from src.model_builder import build_model
+    from src.config import ModelConfig, TrainConfig
+    from src.model_builder import bf16_enabled, build_model
     from src.tsdae import TSDAELoss, corpus_vocabulary
 
+    kit = design.startswith("kit-")
     checkpointing = design.endswith("-gc")
-    model = build_model(ModelConfig(model_name_or_path=path, precision=PRECISION[design], max_seq_length=LENGTH),
-                        gradient_checkpointing=checkpointing)
-    if design in ("old-kit", "st-tied"):
+    settings = {} if kit else {"lora_dropout": 0.05, "attention_dropout": None}
+    model = build_model(ModelConfig(model_name_or_path=path, precision=PRECISION[design], max_seq_length=LENGTH,
+                                    **settings), gradient_checkpointing=checkpointing)
+    if not kit:
         loss = DenoisingAutoEncoderLoss(model, decoder_name_or_path=path, tie_encoder_decoder=design == "st-tied")
     else:
-        from src.config import DataConfig, TrainConfig
-        from src.create_dataset import load_training_data
-
-        texts = load_training_data(DataConfig(), 0).texts
-        loss = TSDAELoss(model, corpus_vocabulary(model, texts), TrainConfig().loss_chunk_tokens, checkpointing)
+        vocab = corpus_vocabulary(model, training_texts())
+        loss = TSDAELoss(model, vocab, TrainConfig().loss_chunk_tokens, checkpointing)
     params = [p for p in loss.parameters() if p.requires_grad]
     # DenoisingAutoEncoderLoss registers the encoder inside the loss; the kit's loss holds it as `model` too.
     params += [p for p in model.parameters() if p.requires_grad and all(p is not q for q in params)]
-    return model, loss, torch.optim.AdamW(params, lr=1e-5)
+    return model, loss, torch.optim.AdamW(params, lr=lr), kit and bf16_enabled("cpu", TrainConfig().bf16)
 
 
-def step(loss, optimizer, features) -> float:
+def step(loss, optimizer, features, bf16: bool) -> float:
+    import torch
+
     started = time.perf_counter()
     optimizer.zero_grad(set_to_none=True)
-    value = loss(features, None)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        value = loss(features, None)
     value.backward()
     optimizer.step()
     return time.perf_counter() - started
@@ -114,13 +134,12 @@ def step(loss, optimizer, features) -> float:
 def measure_one(design: str, path: str, steps: int) -> dict:
     import torch
 
-    model, loss, optimizer = build(design, path)
+    model, loss, optimizer, bf16 = build(design, path)
     loss.train()
-    data, _ = batches(model, steps)
-    times = [step(loss, optimizer, f) for f in data]
+    times = [step(loss, optimizer, f, bf16) for f in longest_batches(model, steps)]
     timed = times[1:] or times  # the first step pays for allocation and lazy initialisation
     trainable = sum(p.numel() for g in optimizer.param_groups for p in g["params"])
-    return {"design": design, "precision": PRECISION[design], "trainable_parameters": trainable,
+    return {"design": design, "precision": PRECISION[design], "bf16": bf16, "trainable_parameters": trainable,
             "seconds_per_step": round(sum(timed) / len(timed), 3),
             "sentences_per_second": round(BATCH * len(timed) / sum(timed), 3),
             "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2, 3),
@@ -128,31 +147,92 @@ def measure_one(design: str, path: str, steps: int) -> dict:
 
 
 def alternate(path: str, rounds: int) -> dict:
-    """Plain sentence-transformers TSDAE (st-tied) and the kit's QLoRA step, alternating in one process."""
-    designs = ("st-tied", "kit-qlora")
-    built = {d: build(d, path) for d in designs}
-    data = {d: batches(built[d][0], rounds + 1)[0] for d in designs}
-    times = {d: [] for d in designs}
+    """Plain sentence-transformers TSDAE and the kit's step (default, and without checkpointing), alternating in
+    one process over the same full-length batches, so all see the same machine state."""
+    built = {d: build(d, path) for d in ALTERNATING}
+    times = {d: [] for d in ALTERNATING}
+    for d in ALTERNATING:
+        built[d] = (*built[d], longest_batches(built[d][0], rounds + 1))
     for r in range(rounds + 1):
-        for d in designs:
-            seconds = step(built[d][1], built[d][2], data[d][r])
-            if r:  # round 0 warms both up
+        for d, (_, loss, optimizer, bf16, data) in built.items():
+            seconds = step(loss, optimizer, data[r], bf16)
+            if r:  # round 0 warms every design up
                 times[d].append(seconds)
-    speed = {d: BATCH * rounds / sum(times[d]) for d in designs}
+    speed = {d: BATCH * rounds / sum(times[d]) for d in ALTERNATING}
     return {"rounds": rounds, "sentences_per_second": {d: round(v, 3) for d, v in speed.items()},
-            "speedup": round(speed["kit-qlora"] / speed["st-tied"], 2)}
+            "speedup": {d: round(speed[d] / speed["st-tied"], 2) for d in ALTERNATING[1:]}}
+
+
+def quality(path: str, steps: int, lr: float, folder: Path, seed: int = 0) -> dict:
+    """Plain sentence-transformers TSDAE and the kit's default step, each trained on the same `steps` x BATCH
+    random training texts (same order, same noise, AdamW at the same learning rate), saved as the kit saves,
+    then scored with the base model on the held-out catalog pairs. Also the training speed on natural text
+    lengths (the alternating rounds use only full-length batches)."""
+    import random
+    import shutil
+
+    from tqdm.auto import tqdm
+
+    from src.config import Config, EvalConfig, ModelConfig
+    from src.create_dataset import load_retrieval_data
+    from src.evaluation import compare, evaluate_model, load_model
+    from src.trainer import save_models
+
+    shutil.rmtree(folder, ignore_errors=True)
+    texts = training_texts()
+    random.Random(seed).shuffle(texts)
+    texts = texts[: steps * BATCH]
+    trained, speed = {"base": path}, {}
+    for design in QUALITY:
+        model, loss, optimizer, bf16 = build(design, path, lr)
+        loss.train()
+        seconds = sum(step(loss, optimizer, f, bf16) for f in tqdm(noisy_batches(model, texts, seed), desc=design))
+        speed[design] = round(len(texts) / seconds, 3)
+        model.eval()
+        cfg = Config(model=ModelConfig(model_name_or_path=path, precision=PRECISION[design]))
+        (folder / design).mkdir(parents=True, exist_ok=True)
+        save_models(model, cfg, folder / design)
+        trained[design] = str(folder / design / "merged")
+        del model, loss, optimizer
+    eval_cfg = EvalConfig()
+    data = load_retrieval_data(eval_cfg.eval_data)
+    per_query = {name: evaluate_model(load_model(p), data, eval_cfg)["per_query"] for name, p in trained.items()}
+    kit, st = QUALITY[1], QUALITY[0]
+    return {"steps": steps, "sentences": len(texts), "learning_rate": lr, "eval_data": eval_cfg.eval_data,
+            "queries": len(data.queries), "training_sentences_per_second": speed,
+            "ndcg@10": {n: round(100 * float(v["ndcg@10"].mean()), 2) for n, v in per_query.items()},
+            "kit_minus_st": compare(per_query[kit], per_query[st])["ndcg@10"],
+            "st_minus_base": compare(per_query[st], per_query["base"])["ndcg@10"],
+            "kit_minus_base": compare(per_query[kit], per_query["base"])["ndcg@10"]}
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| model | design | precision | trainable params | s/step | sentences/s | peak RSS (GB) |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| model | design | precision | bf16 | trainable params | s/step | sentences/s | peak RSS (GB) |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['model']} | {r['design']} | {PRECISION[r['design']]} | - | - | - | failed: {r['error']} |")
+            lines.append(f"| {r['model']} | {r['design']} | {PRECISION[r['design']]} | - | - | - | - | failed: {r['error']} |")
             continue
-        lines.append(f"| {r['model']} | {r['design']} | {r['precision']} | {r['trainable_parameters'] / 1e6:.1f}M | "
+        lines.append(f"| {r['model']} | {r['design']} | {r['precision']} | {r['bf16']} | {r['trainable_parameters'] / 1e6:.1f}M | "
                      f"{r['seconds_per_step']} | {r['sentences_per_second']} | {r['peak_rss_gb']} |")
     return "\n".join(lines)
+
+
+def quality_table(q: dict) -> str:
+    def ci(c: dict) -> str:
+        return f"{100 * c['difference']:+.2f} [{100 * c['ci95'][0]:+.2f}, {100 * c['ci95'][1]:+.2f}]"
+
+    st, kit = QUALITY
+    return "\n".join([
+        f"Quality after equal training: {q['sentences']} random training texts ({q['steps']} batches of {BATCH}), "
+        f"AdamW lr {q['learning_rate']}, held-out {q['queries']} queries of {q['eval_data']}:", "",
+        "| model | nDCG@10 | vs base [95% CI] | training sentences/s (natural lengths) |", "|---|---|---|---|",
+        f"| base | {q['ndcg@10']['base']} | | |",
+        f"| {st} (plain ST TSDAE) | {q['ndcg@10'][st]} | {ci(q['st_minus_base'])} | "
+        f"{q['training_sentences_per_second'][st]} |",
+        f"| {kit} (kit default) | {q['ndcg@10'][kit]} | {ci(q['kit_minus_base'])} | "
+        f"{q['training_sentences_per_second'][kit]} |", "",
+        f"Kit minus plain ST: {ci(q['kit_minus_st'])} nDCG@10 points, p={q['kit_minus_st']['p_value']:.3f}."])
 
 
 def main() -> None:
@@ -160,7 +240,11 @@ def main() -> None:
     parser.add_argument("--models", default="e5-small,xlmr-large")
     parser.add_argument("--designs", default=",".join(DESIGNS))
     parser.add_argument("--steps", type=int, default=3, help="training steps per design (the first is not timed)")
-    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds, st-tied vs kit-qlora (0 = skip)")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds, plain ST vs the kit's steps (0 = skip)")
+    parser.add_argument("--quality_steps", type=int, default=100,
+                        help="train plain ST TSDAE and the kit's step this many batches each, then compare held-out "
+                             "nDCG@10 (0 = skip)")
+    parser.add_argument("--quality_lr", type=float, default=3e-5, help="learning rate of both (the TSDAE paper's)")
     parser.add_argument("--output_dir", default="runs/benchmark")
     parser.add_argument("--workdir", default="/tmp/e5kit-benchmark")
     parser.add_argument("--one", nargs=3, metavar=("DESIGN", "PATH", "STEPS"), help=argparse.SUPPRESS)
@@ -191,12 +275,15 @@ def main() -> None:
     results["designs"] = rows
     report = ["# TSDAE training step: memory and speed", "", f"batch {BATCH}, length {LENGTH}, "
               f"{args.steps} steps per design (first untimed), fresh process per design.", "", table(rows), ""]
+    e5 = model_path("e5-small", Path(args.workdir))
     if args.rounds:
-        results["alternating"] = alternate(model_path("e5-small", Path(args.workdir)), args.rounds)
-        a = results["alternating"]
-        report += [f"Alternating, one process, e5-small, {a['rounds']} rounds: plain sentence-transformers TSDAE "
-                   f"{a['sentences_per_second']['st-tied']} sentences/s, kit QLoRA "
-                   f"{a['sentences_per_second']['kit-qlora']} sentences/s: **{a['speedup']}x**", ""]
+        a = results["alternating"] = alternate(e5, args.rounds)
+        report += [f"Alternating, one process, e5-small, {a['rounds']} rounds of full-length batches, sentences/s: "
+                   + ", ".join(f"{d} {v}" for d, v in a["sentences_per_second"].items()) + "; speed-up over plain "
+                   "sentence-transformers: " + ", ".join(f"**{d} {v}x**" for d, v in a["speedup"].items()), ""]
+    if args.quality_steps:
+        q = results["quality"] = quality(e5, args.quality_steps, args.quality_lr, Path(args.workdir) / "quality")
+        report += [quality_table(q), ""]
     (out / "benchmark.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     (out / "benchmark.md").write_text("\n".join(report), encoding="utf-8")
     print("\n".join(report))

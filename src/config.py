@@ -13,7 +13,7 @@ import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Optional
 
 from transformers import HfArgumentParser
 
@@ -79,7 +79,11 @@ class ModelConfig:
         default="nf4")
     lora_r: int = help_field("LoRA rank.", default=16)
     lora_alpha: int = help_field("LoRA alpha (scale = alpha / r).", default=32)
-    lora_dropout: float = help_field("LoRA dropout.", default=0.05)
+    lora_dropout: float = help_field("LoRA dropout. At 0 peft skips the op: 0.05 cost 14% of a CPU TSDAE step "
+                                "(random masks over every adapted layer's input, in both TSDAE passes).", default=0.0)
+    attention_dropout: Optional[float] = help_field(
+        "Dropout on attention weights while training (null = the model's own, 0.1 for e5). At 0 PyTorch runs its "
+        "fused attention kernel instead of materialising the weights: a CPU TSDAE step 1.5x faster.", default=0.0)
     lora_target_modules: str = help_field("Comma-separated module names to adapt, or 'auto' (all attention and "
                                      "feed-forward projections of the encoder layers).", default="auto")
     max_seq_length: int = help_field("Maximum tokens per text for training and encoding.", default=128)
@@ -92,6 +96,8 @@ class ModelConfig:
         check_option(self.lora_r >= 1, "lora_r", "must be >= 1")
         check_option(self.lora_alpha >= 1, "lora_alpha", "must be >= 1")
         check_option(0.0 <= self.lora_dropout < 1.0, "lora_dropout", "must be in [0, 1)")
+        check_option(self.attention_dropout is None or 0.0 <= self.attention_dropout < 1.0, "attention_dropout",
+                     "must be in [0, 1)")
         check_option(8 <= self.max_seq_length <= 8192, "max_seq_length", "must be in [8, 8192]")
 
 
@@ -127,7 +133,10 @@ class TrainConfig:
                                    "recomputing logits in backward, so batch x length x vocab is never held.",
                                    default=512)
     device: Literal["auto", "cpu", "cuda"] = help_field("Where to train.", default="auto")
-    bf16: Literal["auto", "yes", "no"] = help_field("bf16 compute on GPUs that support it.", default="auto")
+    bf16: Literal["auto", "yes", "no"] = help_field(
+        "bf16 mixed precision (weights and optimizer stay fp32). auto: on GPUs that support it and on CPUs with "
+        "native bf16 (AVX512-BF16/AMX), where it makes a TSDAE step 1.4x faster; no: fp32 throughout.",
+        default="auto")
     logging_steps: int = help_field("Log the loss every N steps.", default=10)
     save_steps: int = help_field("Write a resumable checkpoint every N steps.", default=50)
     eval_steps: int = help_field("Evaluate on the development split every N steps.", default=20)

@@ -39,6 +39,16 @@ def pick_device(requested: str = "auto") -> str:
     return requested
 
 
+def bf16_enabled(device: str, setting: str = "auto") -> bool:
+    """Whether to train in bf16 mixed precision: `auto` wherever the hardware computes bf16 natively (CUDA GPUs
+    that support it; CPUs with AVX512-BF16 or AMX, where oneDNN runs bf16 matmuls at twice the fp32 rate)."""
+    if setting != "auto":
+        return setting == "yes"
+    if device == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
 def _check_weights(path: Path, cfg: ModelConfig) -> None:
     """Refuse pickle-only weights unless allowed (a pickle can run code when loaded)."""
     names = {p.name for p in path.rglob("*") if p.is_file()}
@@ -106,6 +116,16 @@ def keep_trainable_4bit_layout(hf_model: torch.nn.Module) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
+def set_attention_dropout(hf_model: torch.nn.Module, p: float | None) -> None:
+    """Training-time dropout on the attention weights (None = keep the model's). With p = 0, BERT/XLM-R's SDPA
+    attention runs PyTorch's fused kernel instead of the math path that materialises and masks the weights."""
+    if p is None:
+        return
+    for name, module in hf_model.named_modules():
+        if name.endswith("attention.self.dropout") and isinstance(module, torch.nn.Dropout):
+            module.p = p
+
+
 def lora_targets(hf_model: torch.nn.Module, spec: str) -> list[str]:
     """Full names of the modules LoRA adapts: `auto` = every Linear in the encoder blocks."""
     names = [n for n, m in hf_model.named_modules() if LAYER_LINEAR.search(n) and len(list(m.children())) == 0]
@@ -131,6 +151,7 @@ def build_model(cfg: ModelConfig, device: str = "cpu", gradient_checkpointing: b
     model = load_sentence_transformer(cfg, device, quantize=cfg.precision == "nf4")
     model.max_seq_length = cfg.max_seq_length  # training length; saved models get their own back (trainer)
     hf_model = model[0].auto_model
+    set_attention_dropout(hf_model, cfg.attention_dropout)
     if cfg.precision == "full":
         if gradient_checkpointing:
             hf_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing_kwargs())

@@ -35,7 +35,7 @@ from transformers import TrainerCallback, set_seed
 from src.config import Config, parse_config
 from src.create_dataset import TrainingData, WordNoise, load_training_data
 from src.errors import KitError, UsageError, run_cli
-from src.model_builder import build_model, load_sentence_transformer, pick_device
+from src.model_builder import bf16_enabled, build_model, load_sentence_transformer, pick_device
 from src.objectives import (OBJECTIVE_PARTS, build_objective, dev_evaluator, needs_pairs, needs_texts,
                             uses_in_batch_negatives)
 
@@ -277,14 +277,13 @@ def plot_loss(log_history: list[dict], path: Path) -> None:
 
 def training_arguments(cfg: Config, folder: Path, device: str, has_dev: bool, prompts: dict):
     t = cfg.train
-    bf16 = device == "cuda" and torch.cuda.is_bf16_supported() and t.bf16 != "no"
     return SentenceTransformerTrainingArguments(
         output_dir=str(folder / "checkpoints"), per_device_train_batch_size=t.batch_size,
         per_device_eval_batch_size=t.batch_size, gradient_accumulation_steps=t.gradient_accumulation_steps,
         learning_rate=t.learning_rate, num_train_epochs=t.epochs, max_steps=t.max_steps or -1,
         warmup_steps=t.warmup_ratio, lr_scheduler_type=t.lr_scheduler, weight_decay=t.weight_decay,
         logging_steps=t.logging_steps, save_steps=t.save_steps, save_total_limit=2, seed=t.seed,
-        data_seed=t.seed, bf16=bf16, use_cpu=device == "cpu", report_to="none",
+        data_seed=t.seed, bf16=bf16_enabled(device, t.bf16), use_cpu=device == "cpu", report_to="none",
         eval_strategy="steps" if has_dev else "no", eval_steps=t.eval_steps if has_dev else None,
         prompts=prompts or None, dataloader_num_workers=0,
         # The duplicate check reads every row: for TSDAE alone that would compute each text's noise twice.
