@@ -18,8 +18,9 @@ natively); plain sentence-transformers keeps the model's dropout and fp32, as it
 Each design runs in a fresh subprocess, so its peak resident memory (ru_maxrss: everything the process held,
 Python and torch included) is its own. `--rounds N` then runs plain sentence-transformers TSDAE and the kit's
 steps in ONE process, alternating, so all see the same machine state, and prints the speed ratios.
-`--quality_steps N` trains plain sentence-transformers TSDAE and the kit's default step on the same N batches
-and compares their held-out nDCG@10 (paired bootstrap over queries): the speed must not cost quality.
+`--quality_steps N` trains plain sentence-transformers TSDAE, the kit's default step, and the kit's step with its
+speed settings off (kit-qlora-gc-fp32) on the same N batches and compares their held-out nDCG@10 (paired bootstrap
+over queries): the speed must not cost quality.
 XLM-R-large-sized means a randomly initialised 24-layer, 1024-wide XLM-R with e5's 250k-token vocabulary:
 weights do not matter for memory and speed. Results: a table on stdout, JSON + Markdown in --output_dir.
 """
@@ -39,10 +40,13 @@ sys.path.insert(0, str(ROOT))
 
 DESIGNS = ["old-kit", "st-tied", "kit-full", "kit-lora", "kit-qlora", "kit-qlora-gc"]
 PRECISION = {"old-kit": "nf4", "st-tied": "full", "kit-full": "full", "kit-lora": "none", "kit-qlora": "nf4",
-             "kit-qlora-gc": "nf4"}
+             "kit-qlora-gc": "nf4", "kit-qlora-gc-fp32": "nf4"}
+# The kit's default step with its speed settings undone (fp32, the model's attention dropout, LoRA dropout
+# 0.05): trained beside the default, it shows what those settings alone change in held-out quality.
+SLOW_SETTINGS = {"lora_dropout": 0.05, "attention_dropout": None}
 BATCH, LENGTH = 8, 128
 ALTERNATING = ("st-tied", "kit-qlora-gc", "kit-qlora")  # plain ST first: the speed-ups are relative to it
-QUALITY = ("st-tied", "kit-qlora-gc")
+QUALITY = "st-tied,kit-qlora-gc,kit-qlora-gc-fp32"  # the first is the reference of the others
 
 
 def model_path(name: str, workdir: Path) -> str:
@@ -103,9 +107,9 @@ def build(design: str, path: str, lr: float = 1e-5):
     from src.model_builder import bf16_enabled, build_model
     from src.tsdae import TSDAELoss, corpus_vocabulary
 
-    kit = design.startswith("kit-")
-    checkpointing = design.endswith("-gc")
-    settings = {} if kit else {"lora_dropout": 0.05, "attention_dropout": None}
+    kit, fast = design.startswith("kit-"), not design.endswith("-fp32")
+    checkpointing = "-gc" in design
+    settings = {} if kit and fast else SLOW_SETTINGS
     model = build_model(ModelConfig(model_name_or_path=path, precision=PRECISION[design], max_seq_length=LENGTH,
                                     **settings), gradient_checkpointing=checkpointing)
     if not kit:
@@ -116,7 +120,7 @@ def build(design: str, path: str, lr: float = 1e-5):
     params = [p for p in loss.parameters() if p.requires_grad]
     # DenoisingAutoEncoderLoss registers the encoder inside the loss; the kit's loss holds it as `model` too.
     params += [p for p in model.parameters() if p.requires_grad and all(p is not q for q in params)]
-    return model, loss, torch.optim.AdamW(params, lr=lr), kit and bf16_enabled("cpu", TrainConfig().bf16)
+    return model, loss, torch.optim.AdamW(params, lr=lr), kit and fast and bf16_enabled("cpu", TrainConfig().bf16)
 
 
 def step(loss, optimizer, features, bf16: bool) -> float:
@@ -163,11 +167,11 @@ def alternate(path: str, rounds: int) -> dict:
             "speedup": {d: round(speed[d] / speed["st-tied"], 2) for d in ALTERNATING[1:]}}
 
 
-def quality(path: str, steps: int, lr: float, folder: Path, seed: int = 0) -> dict:
-    """Plain sentence-transformers TSDAE and the kit's default step, each trained on the same `steps` x BATCH
-    random training texts (same order, same noise, AdamW at the same learning rate), saved as the kit saves,
-    then scored with the base model on the held-out catalog pairs. Also the training speed on natural text
-    lengths (the alternating rounds use only full-length batches)."""
+def quality(path: str, designs: list[str], steps: int, lr: float, folder: Path, seed: int = 0) -> dict:
+    """Each design trained on the same `steps` x BATCH random training texts (same order, same noise, AdamW at
+    the same learning rate), saved as the kit saves, then scored with the base model on the held-out catalog
+    pairs; every design is compared with the first and with the base. Also each design's training speed on
+    natural text lengths (the alternating rounds use only full-length batches)."""
     import random
     import shutil
 
@@ -183,7 +187,7 @@ def quality(path: str, steps: int, lr: float, folder: Path, seed: int = 0) -> di
     random.Random(seed).shuffle(texts)
     texts = texts[: steps * BATCH]
     trained, speed = {"base": path}, {}
-    for design in QUALITY:
+    for design in designs:
         model, loss, optimizer, bf16 = build(design, path, lr)
         loss.train()
         seconds = sum(step(loss, optimizer, f, bf16) for f in tqdm(noisy_batches(model, texts, seed), desc=design))
@@ -197,13 +201,13 @@ def quality(path: str, steps: int, lr: float, folder: Path, seed: int = 0) -> di
     eval_cfg = EvalConfig()
     data = load_retrieval_data(eval_cfg.eval_data)
     per_query = {name: evaluate_model(load_model(p), data, eval_cfg)["per_query"] for name, p in trained.items()}
-    kit, st = QUALITY[1], QUALITY[0]
+    rows = [{"design": d, "ndcg@10": round(100 * float(per_query[d]["ndcg@10"].mean()), 2),
+             "vs_base": compare(per_query[d], per_query["base"])["ndcg@10"],
+             "vs_reference": compare(per_query[d], per_query[designs[0]])["ndcg@10"] if d != designs[0] else None,
+             "training_sentences_per_second": speed[d]} for d in designs]
     return {"steps": steps, "sentences": len(texts), "learning_rate": lr, "eval_data": eval_cfg.eval_data,
-            "queries": len(data.queries), "training_sentences_per_second": speed,
-            "ndcg@10": {n: round(100 * float(v["ndcg@10"].mean()), 2) for n, v in per_query.items()},
-            "kit_minus_st": compare(per_query[kit], per_query[st])["ndcg@10"],
-            "st_minus_base": compare(per_query[st], per_query["base"])["ndcg@10"],
-            "kit_minus_base": compare(per_query[kit], per_query["base"])["ndcg@10"]}
+            "queries": len(data.queries), "base_ndcg@10": round(100 * float(per_query["base"]["ndcg@10"].mean()), 2),
+            "designs": rows}
 
 
 def table(rows: list[dict]) -> str:
@@ -219,20 +223,20 @@ def table(rows: list[dict]) -> str:
 
 
 def quality_table(q: dict) -> str:
-    def ci(c: dict) -> str:
-        return f"{100 * c['difference']:+.2f} [{100 * c['ci95'][0]:+.2f}, {100 * c['ci95'][1]:+.2f}]"
+    def ci(c: dict | None) -> str:
+        if c is None:
+            return ""
+        return (f"{100 * c['difference']:+.2f} [{100 * c['ci95'][0]:+.2f}, {100 * c['ci95'][1]:+.2f}], "
+                f"p={c['p_value']:.3f}")
 
-    st, kit = QUALITY
-    return "\n".join([
-        f"Quality after equal training: {q['sentences']} random training texts ({q['steps']} batches of {BATCH}), "
-        f"AdamW lr {q['learning_rate']}, held-out {q['queries']} queries of {q['eval_data']}:", "",
-        "| model | nDCG@10 | vs base [95% CI] | training sentences/s (natural lengths) |", "|---|---|---|---|",
-        f"| base | {q['ndcg@10']['base']} | | |",
-        f"| {st} (plain ST TSDAE) | {q['ndcg@10'][st]} | {ci(q['st_minus_base'])} | "
-        f"{q['training_sentences_per_second'][st]} |",
-        f"| {kit} (kit default) | {q['ndcg@10'][kit]} | {ci(q['kit_minus_base'])} | "
-        f"{q['training_sentences_per_second'][kit]} |", "",
-        f"Kit minus plain ST: {ci(q['kit_minus_st'])} nDCG@10 points, p={q['kit_minus_st']['p_value']:.3f}."])
+    reference = q["designs"][0]["design"]
+    lines = [f"Quality after equal training: {q['sentences']} random training texts ({q['steps']} batches of {BATCH}), "
+             f"AdamW lr {q['learning_rate']}, held-out {q['queries']} queries of {q['eval_data']}:", "",
+             f"| design | nDCG@10 | vs base [95% CI] | vs {reference} [95% CI] | training sentences/s |",
+             "|---|---|---|---|---|", f"| base | {q['base_ndcg@10']} | | | |"]
+    lines += [f"| {r['design']} | {r['ndcg@10']} | {ci(r['vs_base'])} | {ci(r['vs_reference'])} | "
+              f"{r['training_sentences_per_second']} |" for r in q["designs"]]
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -242,8 +246,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3, help="training steps per design (the first is not timed)")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds, plain ST vs the kit's steps (0 = skip)")
     parser.add_argument("--quality_steps", type=int, default=100,
-                        help="train plain ST TSDAE and the kit's step this many batches each, then compare held-out "
-                             "nDCG@10 (0 = skip)")
+                        help="train each quality design this many batches, then compare held-out nDCG@10 (0 = skip)")
+    parser.add_argument("--quality_designs", default=QUALITY, help="the first is the reference of the others")
     parser.add_argument("--quality_lr", type=float, default=3e-5, help="learning rate of both (the TSDAE paper's)")
     parser.add_argument("--output_dir", default="runs/benchmark")
     parser.add_argument("--workdir", default="/tmp/e5kit-benchmark")
@@ -256,9 +260,9 @@ def main() -> None:
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     rows, results = [], {}
-    for name in args.models.split(","):
+    for name in filter(None, args.models.split(",")):
         path = model_path(name, Path(args.workdir))
-        for design in args.designs.split(","):
+        for design in filter(None, args.designs.split(",")):
             print(f"{name} / {design} ...", file=sys.stderr, flush=True)
             proc = subprocess.run([sys.executable, __file__, "--one", design, path, str(args.steps)],
                                   capture_output=True, text=True)
@@ -282,7 +286,7 @@ def main() -> None:
                    + ", ".join(f"{d} {v}" for d, v in a["sentences_per_second"].items()) + "; speed-up over plain "
                    "sentence-transformers: " + ", ".join(f"**{d} {v}x**" for d, v in a["speedup"].items()), ""]
     if args.quality_steps:
-        q = results["quality"] = quality(e5, args.quality_steps, args.quality_lr, Path(args.workdir) / "quality")
+        q = results["quality"] = quality(e5, args.quality_designs.split(","), args.quality_steps, args.quality_lr, Path(args.workdir) / "quality")
         report += [quality_table(q), ""]
     (out / "benchmark.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     (out / "benchmark.md").write_text("\n".join(report), encoding="utf-8")

@@ -57,6 +57,50 @@ def test_chunked_corpus_vocab_loss_is_the_full_softmax_restricted(tiny_bert):
     assert full(features) > a(features)
 
 
+def test_speed_settings_reach_the_modules(tiny_bert):
+    """The kit's speed defaults: no attention dropout (fused SDPA kernel), no LoRA dropout op; null keeps the
+    model's own attention dropout; hidden dropout is never touched."""
+    model = build_model(ModelConfig(model_name_or_path=str(tiny_bert), precision="none"))
+    dropouts = {n: m for n, m in model[0].auto_model.named_modules() if isinstance(m, torch.nn.Dropout)}
+    attention = [m.p for n, m in dropouts.items() if n.endswith("attention.self.dropout")]
+    assert attention == [0.0, 0.0]
+    assert all(m.p == 0.1 for n, m in dropouts.items() if n.endswith("output.dropout"))
+    lora_dropouts = [m for n, m in model.named_modules() if n.endswith("lora_dropout.default")]
+    assert len(lora_dropouts) == 12 and all(isinstance(m, torch.nn.Identity) for m in lora_dropouts)
+
+    kept = build_model(ModelConfig(model_name_or_path=str(tiny_bert), precision="none", attention_dropout=None,
+                                   lora_dropout=0.1))
+    assert [m.p for n, m in kept[0].auto_model.named_modules() if n.endswith("attention.self.dropout")] == [0.1, 0.1]
+    assert all(isinstance(m, torch.nn.Dropout) for n, m in kept.named_modules() if n.endswith("lora_dropout.default"))
+
+
+def test_tsdae_loss_under_bf16_autocast_matches_fp32(tiny_xlmr):
+    """bf16 autocast (the default on CPUs with native bf16) computes the same loss to bf16 precision and trains
+    the same parameters; the loss itself is reduced in fp32."""
+    model = build_model(ModelConfig(model_name_or_path=str(tiny_xlmr), precision="nf4"))
+    texts = read_texts(RU_TRAIN, 8)
+    loss = TSDAELoss(model, corpus_vocabulary(model, texts)).eval()
+    features = batch(model, texts)
+    fp32 = loss(features)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bf16 = loss(features)
+    bf16.backward()
+    assert bf16.dtype == torch.float32
+    assert abs(bf16.item() - fp32.item()) < 0.02 * fp32.item()
+    grads = [p.grad for p in loss.parameters() if p.requires_grad]
+    assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+def test_bf16_setting(monkeypatch):
+    from src.model_builder import bf16_enabled
+
+    assert bf16_enabled("cpu", "yes") and not bf16_enabled("cpu", "no")
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    assert not bf16_enabled("cpu", "auto")  # no native bf16: emulated bf16 would be slower than fp32
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
+    assert bf16_enabled("cpu", "auto")
+
+
 def encode_both(folder, texts):
     from sentence_transformers import SentenceTransformer
 
