@@ -19,8 +19,8 @@ Each design runs in a fresh subprocess, so its peak resident memory (ru_maxrss: 
 Python and torch included) is its own. `--rounds N` then runs plain sentence-transformers TSDAE and the kit's
 steps in ONE process, alternating, so all see the same machine state, and prints the speed ratios.
 `--quality_steps N` trains plain sentence-transformers TSDAE, the kit's default step, and the kit's step with its
-speed settings off (kit-qlora-gc-fp32) on the same N batches and compares their held-out nDCG@10 (paired bootstrap
-over queries): the speed must not cost quality.
+speed settings undone (kit-qlora-gc+fp32+dropout) on the same N batches and compares their held-out nDCG@10
+(paired bootstrap over queries): the speed must not cost quality.
 XLM-R-large-sized means a randomly initialised 24-layer, 1024-wide XLM-R with e5's 250k-token vocabulary:
 weights do not matter for memory and speed. Results: a table on stdout, JSON + Markdown in --output_dir.
 """
@@ -40,13 +40,17 @@ sys.path.insert(0, str(ROOT))
 
 DESIGNS = ["old-kit", "st-tied", "kit-full", "kit-lora", "kit-qlora", "kit-qlora-gc"]
 PRECISION = {"old-kit": "nf4", "st-tied": "full", "kit-full": "full", "kit-lora": "none", "kit-qlora": "nf4",
-             "kit-qlora-gc": "nf4", "kit-qlora-gc-fp32": "nf4"}
-# The kit's default step with its speed settings undone (fp32, the model's attention dropout, LoRA dropout
-# 0.05): trained beside the default, it shows what those settings alone change in held-out quality.
-SLOW_SETTINGS = {"lora_dropout": 0.05, "attention_dropout": None}
+             "kit-qlora-gc": "nf4"}
+# A kit design can undo its speed settings, to show what they alone change: `+dropout` (the model's attention
+# dropout and LoRA dropout 0.05, as plain sentence-transformers and the old kit train) and `+fp32` (no bf16).
+MODEL_DROPOUT = {"lora_dropout": 0.05, "attention_dropout": None}
 BATCH, LENGTH = 8, 128
 ALTERNATING = ("st-tied", "kit-qlora-gc", "kit-qlora")  # plain ST first: the speed-ups are relative to it
-QUALITY = "st-tied,kit-qlora-gc,kit-qlora-gc-fp32"  # the first is the reference of the others
+QUALITY = "st-tied,kit-qlora-gc,kit-qlora-gc+fp32+dropout"  # the first is the reference of the others
+
+
+def precision_of(design: str) -> str:
+    return PRECISION[design.split("+")[0]]
 
 
 def model_path(name: str, workdir: Path) -> str:
@@ -107,20 +111,23 @@ def build(design: str, path: str, lr: float = 1e-5):
     from src.model_builder import bf16_enabled, build_model
     from src.tsdae import TSDAELoss, corpus_vocabulary
 
-    kit, fast = design.startswith("kit-"), not design.endswith("-fp32")
-    checkpointing = "-gc" in design
-    settings = {} if kit and fast else SLOW_SETTINGS
-    model = build_model(ModelConfig(model_name_or_path=path, precision=PRECISION[design], max_seq_length=LENGTH,
+    name, *undone = design.split("+")
+    if name not in PRECISION or not set(undone) <= {"dropout", "fp32"}:
+        raise SystemExit(f"unknown design {design}: choose from {', '.join(PRECISION)}, kit ones with +dropout/+fp32")
+    kit, checkpointing = name.startswith("kit-"), name.endswith("-gc")
+    settings = MODEL_DROPOUT if not kit or "dropout" in undone else {}
+    model = build_model(ModelConfig(model_name_or_path=path, precision=PRECISION[name], max_seq_length=LENGTH,
                                     **settings), gradient_checkpointing=checkpointing)
     if not kit:
-        loss = DenoisingAutoEncoderLoss(model, decoder_name_or_path=path, tie_encoder_decoder=design == "st-tied")
+        loss = DenoisingAutoEncoderLoss(model, decoder_name_or_path=path, tie_encoder_decoder=name == "st-tied")
     else:
         vocab = corpus_vocabulary(model, training_texts())
         loss = TSDAELoss(model, vocab, TrainConfig().loss_chunk_tokens, checkpointing)
     params = [p for p in loss.parameters() if p.requires_grad]
     # DenoisingAutoEncoderLoss registers the encoder inside the loss; the kit's loss holds it as `model` too.
     params += [p for p in model.parameters() if p.requires_grad and all(p is not q for q in params)]
-    return model, loss, torch.optim.AdamW(params, lr=lr), kit and fast and bf16_enabled("cpu", TrainConfig().bf16)
+    bf16 = kit and "fp32" not in undone and bf16_enabled("cpu", TrainConfig().bf16)
+    return model, loss, torch.optim.AdamW(params, lr=lr), bf16
 
 
 def step(loss, optimizer, features, bf16: bool) -> float:
@@ -143,7 +150,7 @@ def measure_one(design: str, path: str, steps: int) -> dict:
     times = [step(loss, optimizer, f, bf16) for f in longest_batches(model, steps)]
     timed = times[1:] or times  # the first step pays for allocation and lazy initialisation
     trainable = sum(p.numel() for g in optimizer.param_groups for p in g["params"])
-    return {"design": design, "precision": PRECISION[design], "bf16": bf16, "trainable_parameters": trainable,
+    return {"design": design, "precision": precision_of(design), "bf16": bf16, "trainable_parameters": trainable,
             "seconds_per_step": round(sum(timed) / len(timed), 3),
             "sentences_per_second": round(BATCH * len(timed) / sum(timed), 3),
             "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2, 3),
@@ -175,6 +182,7 @@ def quality(path: str, designs: list[str], steps: int, lr: float, folder: Path, 
     import random
     import shutil
 
+    import torch
     from tqdm.auto import tqdm
 
     from src.config import Config, EvalConfig, ModelConfig
@@ -188,12 +196,13 @@ def quality(path: str, designs: list[str], steps: int, lr: float, folder: Path, 
     texts = texts[: steps * BATCH]
     trained, speed = {"base": path}, {}
     for design in designs:
+        torch.manual_seed(seed)  # same LoRA and decoder initialisation for every kit design
         model, loss, optimizer, bf16 = build(design, path, lr)
         loss.train()
         seconds = sum(step(loss, optimizer, f, bf16) for f in tqdm(noisy_batches(model, texts, seed), desc=design))
         speed[design] = round(len(texts) / seconds, 3)
         model.eval()
-        cfg = Config(model=ModelConfig(model_name_or_path=path, precision=PRECISION[design]))
+        cfg = Config(model=ModelConfig(model_name_or_path=path, precision=precision_of(design)))
         (folder / design).mkdir(parents=True, exist_ok=True)
         save_models(model, cfg, folder / design)
         trained[design] = str(folder / design / "merged")
@@ -215,7 +224,7 @@ def table(rows: list[dict]) -> str:
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['model']} | {r['design']} | {PRECISION[r['design']]} | - | - | - | - | failed: {r['error']} |")
+            lines.append(f"| {r['model']} | {r['design']} | {precision_of(r['design'])} | - | - | - | - | failed: {r['error']} |")
             continue
         lines.append(f"| {r['model']} | {r['design']} | {r['precision']} | {r['bf16']} | {r['trainable_parameters'] / 1e6:.1f}M | "
                      f"{r['seconds_per_step']} | {r['sentences_per_second']} | {r['peak_rss_gb']} |")

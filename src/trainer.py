@@ -383,7 +383,7 @@ def train(cfg: Config) -> Path:
                "dev_texts": len(data.dev_texts), "dev_pairs": len(data.dev_pairs), "steps": trainer.state.global_step,
                "train_seconds": round(result.metrics.get("train_runtime", 0.0), 1),
                "train_samples_per_second": result.metrics.get("train_samples_per_second"),
-               "final_train_loss": result.metrics.get("train_loss"), "device": device,
+               "final_train_loss": result.metrics.get("train_loss"), "device": device, "bf16": trainer.args.bf16,
                "selected": selected, "dev_ndcg@10_by_step": best.history if best is not None else None}
     if selected is not None and selected["step"] == 0:
         logger.warning("no training step beat the base model on the development pairs: the saved model is the "

@@ -1,5 +1,7 @@
 """QLoRA model building, the shared-layer TSDAE decoder, and end-to-end training runs on CPU."""
 
+import json
+
 import pytest
 import torch
 
@@ -116,6 +118,9 @@ def test_end_to_end_tiny_xlmr_adapter_and_merged_agree(tmp_path, tiny_xlmr):
     folder = train(run_config(tmp_path, tiny_xlmr, "run", max_steps=4, save_steps=2))
     for name in ("config.json", "training_log.json", "loss.png", "run.json"):
         assert (folder / name).is_file()
+    from src.model_builder import bf16_enabled
+
+    assert json.loads((folder / "run.json").read_text())["bf16"] == bf16_enabled("cpu")  # auto: what the CPU has
     assert not (tmp_path / "run.partial").exists() and not (folder / "checkpoints").exists()
     a, m = encode_both(folder, read_texts(RU_TRAIN, 5))
     assert ((a * m).sum(1) > 0.999).all()
@@ -134,7 +139,6 @@ def test_end_to_end_e5_small_qlora(tmp_path, e5_cache):
 
 def test_torchrun_two_cpu_processes_write_one_model(tmp_path, tiny_bert):
     """Data-parallel TSDAE (the decoder's weights all-reduced with the adapters) on CPU with gloo."""
-    import json
     import os
     import socket
     import subprocess
