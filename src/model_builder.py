@@ -116,11 +116,9 @@ def keep_trainable_4bit_layout(hf_model: torch.nn.Module) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
-def set_attention_dropout(hf_model: torch.nn.Module, p: float | None) -> None:
-    """Training-time dropout on the attention weights (None = keep the model's). With p = 0, BERT/XLM-R's SDPA
-    attention runs PyTorch's fused kernel instead of the math path that materialises and masks the weights."""
-    if p is None:
-        return
+def set_attention_dropout(hf_model: torch.nn.Module, p: float) -> None:
+    """Training-time dropout on the attention weights. With p = 0, BERT/XLM-R's SDPA attention runs PyTorch's
+    fused kernel instead of the math path that materialises and masks the weights."""
     for name, module in hf_model.named_modules():
         if name.endswith("attention.self.dropout") and isinstance(module, torch.nn.Dropout):
             module.p = p

@@ -35,10 +35,16 @@ def test_bad_values_name_the_option(argv, message):
         parse_config(argv)
 
 
-def test_unknown_key_in_config_file(tmp_path):
+@pytest.mark.parametrize("text,message", [
+    ("learning_rat: 0.1\n", "unknown option 'learning_rat'"),
+    ("learning_rate: fast\n", "option 'learning_rate': invalid value 'fast'"),
+    ("attention_dropout: null\n", "option 'attention_dropout': invalid value None"),
+    ("train:\n  batch_size: [8]\n", "option 'batch_size': invalid value \\[8\\]"),
+])
+def test_bad_config_file_values_name_the_file_and_option(tmp_path, text, message):
     path = tmp_path / "c.yaml"
-    path.write_text("learning_rat: 0.1\n")
-    with pytest.raises(UsageError, match="unknown option 'learning_rat'"):
+    path.write_text(text)
+    with pytest.raises(UsageError, match=f"config file {path}: {message}"):
         parse_config(["--config", str(path)])
 
 

@@ -60,8 +60,8 @@ def test_chunked_corpus_vocab_loss_is_the_full_softmax_restricted(tiny_bert):
 
 
 def test_speed_settings_reach_the_modules(tiny_bert):
-    """The kit's speed defaults: no attention dropout (fused SDPA kernel), no LoRA dropout op; null keeps the
-    model's own attention dropout; hidden dropout is never touched."""
+    """The kit's speed defaults: no attention dropout (fused SDPA kernel), no LoRA dropout op; other values reach
+    the modules; hidden dropout is never touched."""
     model = build_model(ModelConfig(model_name_or_path=str(tiny_bert), precision="none"))
     dropouts = {n: m for n, m in model[0].auto_model.named_modules() if isinstance(m, torch.nn.Dropout)}
     attention = [m.p for n, m in dropouts.items() if n.endswith("attention.self.dropout")]
@@ -70,9 +70,9 @@ def test_speed_settings_reach_the_modules(tiny_bert):
     lora_dropouts = [m for n, m in model.named_modules() if n.endswith("lora_dropout.default")]
     assert len(lora_dropouts) == 12 and all(isinstance(m, torch.nn.Identity) for m in lora_dropouts)
 
-    kept = build_model(ModelConfig(model_name_or_path=str(tiny_bert), precision="none", attention_dropout=None,
+    kept = build_model(ModelConfig(model_name_or_path=str(tiny_bert), precision="none", attention_dropout=0.2,
                                    lora_dropout=0.1))
-    assert [m.p for n, m in kept[0].auto_model.named_modules() if n.endswith("attention.self.dropout")] == [0.1, 0.1]
+    assert [m.p for n, m in kept[0].auto_model.named_modules() if n.endswith("attention.self.dropout")] == [0.2, 0.2]
     assert all(isinstance(m, torch.nn.Dropout) for n, m in kept.named_modules() if n.endswith("lora_dropout.default"))
 
 
