@@ -28,6 +28,7 @@ weights do not matter for memory and speed. Results: a table on stdout, JSON + M
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import resource
 import subprocess
@@ -88,11 +89,14 @@ def noisy_batches(model, texts: list[str], seed: int = 0) -> list:
     return out
 
 
-def training_texts(seed: int = 0) -> list[str]:
+@functools.cache
+def training_texts() -> tuple[str, ...]:
+    """The bundled catalog's training texts, read once per process (every kit design needs them for its
+    decoder vocabulary, every timing for its batches)."""
     from src.config import DataConfig
     from src.create_dataset import load_training_data
 
-    return load_training_data(DataConfig(), seed).texts
+    return tuple(load_training_data(DataConfig(), 0).texts)
 
 
 def longest_batches(model, steps: int) -> list:
@@ -121,7 +125,7 @@ def build(design: str, path: str, lr: float = 1e-5):
     if not kit:
         loss = DenoisingAutoEncoderLoss(model, decoder_name_or_path=path, tie_encoder_decoder=name == "st-tied")
     else:
-        vocab = corpus_vocabulary(model, training_texts())
+        vocab = corpus_vocabulary(model, list(training_texts()))
         loss = TSDAELoss(model, vocab, TrainConfig().loss_chunk_tokens, checkpointing)
     params = [p for p in loss.parameters() if p.requires_grad]
     # DenoisingAutoEncoderLoss registers the encoder inside the loss; the kit's loss holds it as `model` too.
@@ -160,12 +164,13 @@ def measure_one(design: str, path: str, steps: int) -> dict:
 def alternate(path: str, rounds: int) -> dict:
     """Plain sentence-transformers TSDAE and the kit's step (default, and without checkpointing), alternating in
     one process over the same full-length batches, so all see the same machine state."""
-    built = {d: build(d, path) for d in ALTERNATING}
-    times = {d: [] for d in ALTERNATING}
+    built = {}
     for d in ALTERNATING:
-        built[d] = (*built[d], longest_batches(built[d][0], rounds + 1))
+        model, loss, optimizer, bf16 = build(d, path)
+        built[d] = (loss, optimizer, bf16, longest_batches(model, rounds + 1))
+    times = {d: [] for d in ALTERNATING}
     for r in range(rounds + 1):
-        for d, (_, loss, optimizer, bf16, data) in built.items():
+        for d, (loss, optimizer, bf16, data) in built.items():
             seconds = step(loss, optimizer, data[r], bf16)
             if r:  # round 0 warms every design up
                 times[d].append(seconds)
@@ -191,7 +196,7 @@ def quality(path: str, designs: list[str], steps: int, lr: float, folder: Path, 
     from src.trainer import save_models
 
     shutil.rmtree(folder, ignore_errors=True)
-    texts = training_texts()
+    texts = list(training_texts())
     random.Random(seed).shuffle(texts)
     texts = texts[: steps * BATCH]
     trained, speed = {"base": path}, {}

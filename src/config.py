@@ -285,12 +285,12 @@ def _config_value(action, value, path: str):
     """A config file's value, converted as the command line would convert it."""
     if not action.type or isinstance(value, bool):
         return value
-    try:
-        if value is None:
-            raise ValueError
-        return action.type(str(value))
-    except (TypeError, ValueError):
-        raise UsageError(f"config file {path}: option '{action.dest}': invalid value {value!r}") from None
+    if value is not None:  # str(None) would read as the text 'None'
+        try:
+            return action.type(str(value))
+        except (TypeError, ValueError):
+            pass
+    raise UsageError(f"config file {path}: option '{action.dest}': invalid value {value!r}")
 
 
 def build_parser(extra_groups: dict | None = None) -> HfArgumentParser:

@@ -7,7 +7,7 @@ import torch
 
 from conftest import RU_TRAIN, read_texts, run_config
 from src.config import ModelConfig
-from src.model_builder import build_model
+from src.model_builder import bf16_enabled, build_model
 from src.tsdae import TSDAELoss, corpus_vocabulary
 
 
@@ -94,8 +94,6 @@ def test_tsdae_loss_under_bf16_autocast_matches_fp32(tiny_xlmr):
 
 
 def test_bf16_setting(monkeypatch):
-    from src.model_builder import bf16_enabled
-
     assert bf16_enabled("cpu", "yes") and not bf16_enabled("cpu", "no")
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
     assert not bf16_enabled("cpu", "auto")  # no native bf16: emulated bf16 would be slower than fp32
@@ -118,8 +116,6 @@ def test_end_to_end_tiny_xlmr_adapter_and_merged_agree(tmp_path, tiny_xlmr):
     folder = train(run_config(tmp_path, tiny_xlmr, "run", max_steps=4, save_steps=2))
     for name in ("config.json", "training_log.json", "loss.png", "run.json"):
         assert (folder / name).is_file()
-    from src.model_builder import bf16_enabled
-
     assert json.loads((folder / "run.json").read_text())["bf16"] == bf16_enabled("cpu")  # auto: what the CPU has
     assert not (tmp_path / "run.partial").exists() and not (folder / "checkpoints").exists()
     a, m = encode_both(folder, read_texts(RU_TRAIN, 5))
