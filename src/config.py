@@ -20,6 +20,8 @@ from transformers import HfArgumentParser
 from src.errors import UsageError, run_cli
 
 DEFAULT_MODEL = "intfloat/multilingual-e5-small"
+OBJECTIVE_PARTS = ("mnrl", "ict", "crop", "lead", "simcse", "tsdae")  # registered in src/objectives.py
+DOCUMENT_CONSTRUCTIONS = ("lead", "ict", "crop")  # src/document_pairs.py
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 
 
@@ -79,11 +81,11 @@ class ModelConfig:
         default="nf4")
     lora_r: int = help_field("LoRA rank.", default=16)
     lora_alpha: int = help_field("LoRA alpha (scale = alpha / r).", default=32)
-    lora_dropout: float = help_field("LoRA dropout. At 0 peft skips the op: 0.05 cost 14% of a CPU TSDAE step "
-                                "(random masks over every adapted layer's input, in both TSDAE passes).", default=0.0)
+    lora_dropout: float = help_field("LoRA dropout. At 0 peft skips the op, a faster step (random masks over every "
+                                     "adapted layer's input cost time; README, speed).", default=0.0)
     attention_dropout: float = help_field(
         "Dropout on attention weights while training (e5 and BERT were trained with 0.1). At 0 PyTorch runs its "
-        "fused attention kernel instead of materialising the weights: a CPU TSDAE step 1.5x faster.", default=0.0)
+        "fused attention kernel instead of materialising the weights: a faster step.", default=0.0)
     lora_target_modules: str = help_field("Comma-separated module names to adapt, or 'auto' (all attention and "
                                      "feed-forward projections of the encoder layers).", default="auto")
     max_seq_length: int = help_field("Maximum tokens per text for training and encoding.", default=128)
@@ -102,10 +104,12 @@ class ModelConfig:
 
 @dataclass
 class TrainConfig:
-    objective: Literal["mnrl", "tsdae", "tsdae+mnrl", "simcse"] = help_field(
-        "mnrl: in-domain (query, document) pairs from --pair_columns with in-batch negatives; tsdae: denoising "
-        "auto-encoder on texts; tsdae+mnrl: both, batches alternating in proportion; simcse: dropout-noise "
-        "contrastive on texts. See README for measured results.", default="mnrl")
+    objective: str = help_field(
+        "auto: mnrl when the training file has --pair_columns, else the best measured documents-only recipe. Or "
+        "one part or several joined by '+' (e.g. tsdae+lead): mnrl: (query, document) pairs from --pair_columns; "
+        "ict: a sentence of a document -> the rest; crop: two random spans of a document; lead: a document's "
+        "leading line or sentence -> the rest; simcse: dropout-noise contrastive on texts; tsdae: denoising "
+        "auto-encoder on texts. See README for measured results.", default="auto")
     learning_rate: float = help_field("Peak learning rate (measured default for LoRA + mnrl; TSDAE/SimCSE on e5 want "
                                  "far less, e.g. 2e-5).", default=1e-4)
     batch_size: int = help_field("Texts (or pairs) per device per step; mnrl/simcse use the rest of the batch as "
@@ -118,9 +122,8 @@ class TrainConfig:
         "Learning-rate schedule after warm-up.", default="constant_with_warmup")
     weight_decay: float = help_field("AdamW weight decay.", default=0.0)
     gradient_checkpointing: bool = help_field(
-        "Recompute activations in backward: less peak memory (1.7 vs 2.4 GB for a QLoRA TSDAE step of e5-small, batch "
-        "8, length 128, CPU; far more for large encoders) for ~1.3x the step time. Turn off "
-        "(--gradient_checkpointing false) when memory is plentiful.", default=True)
+        "Recompute activations in backward: less peak memory (far less for large encoders) for a slower step "
+        "(README, memory). Turn off (--gradient_checkpointing false) when memory is plentiful.", default=True)
     decoder_vocab: Literal["corpus", "full"] = help_field(
         "Decoder softmax over the token ids that occur in the training texts (all targets lie there; much "
         "faster) or over the whole vocabulary.", default="corpus")
@@ -134,13 +137,22 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda"] = help_field("Where to train.", default="auto")
     bf16: Literal["auto", "yes", "no"] = help_field(
         "bf16 mixed precision (weights and optimizer stay fp32). auto: on GPUs that support it and on CPUs with "
-        "native bf16 (AVX512-BF16/AMX), where it makes a TSDAE step 1.4x faster; no: fp32 throughout.",
+        "native bf16 (AVX512-BF16/AMX), where it is faster; no: fp32 throughout.",
         default="auto")
     logging_steps: int = help_field("Log the loss every N steps.", default=10)
     save_steps: int = help_field("Write a resumable checkpoint every N steps.", default=50)
     eval_steps: int = help_field("Evaluate on the development split every N steps.", default=20)
-    select_best: bool = help_field("Keep the state with the best development nDCG@10 (step 0 = the base model), "
-                              "using development pairs from --pair_columns.", default=True)
+    select_best: bool = help_field("Keep the state with the best development nDCG@10 (step 0 = the base model), on "
+                                   "development pairs of held-out items (--pair_columns) or, for documents alone, "
+                                   "built from held-out documents by --dev_construction.", default=True)
+    dev_construction: Literal["lead", "ict", "crop"] = help_field(
+        "How development pairs are built from held-out documents when the file has no pair columns.", default="lead")
+    lora_scales: str = help_field("After selection, also try the adapter at these fractions of its strength "
+                                  "(comma-separated, between 0 = the base and 1 = as trained) on the development "
+                                  "pairs, and keep the best; '' = off.", default="0.25,0.5,0.75")
+    anchor_weight: float = help_field("Guard against forgetting for the contrastive parts: weight of a term keeping "
+                                      "each text's embedding near the base model's, computed by the same model with "
+                                      "its adapter disabled (no second model in memory). 0 = off.", default=0.0)
     dev_distractors: int = help_field("Training documents added to the development collection, so that telling "
                                  "checkpoints apart is as hard as the real search.", default=1000)
     seed: int = help_field("Seed for data split, noise, initialisation and order.", default=42)
@@ -163,6 +175,18 @@ class TrainConfig:
         check_option(self.decoder_warmup_steps >= 0, "decoder_warmup_steps", "must be >= 0")
         check_option(self.mnrl_scale > 0, "mnrl_scale", "must be > 0")
         check_option(self.threads >= 0, "threads", "must be >= 0")
+        parts = self.objective.split("+")
+        check_option(self.objective == "auto" or (all(p in OBJECTIVE_PARTS for p in parts) and len(set(parts)) == len(parts)),
+                     "objective", f"must be auto or distinct parts of {', '.join(OBJECTIVE_PARTS)} joined by '+'")
+        check_option(self.anchor_weight >= 0, "anchor_weight", "must be >= 0")
+        check_option(all(0 < s < 1 for s in self.lora_scale_values()), "lora_scales",
+                     "must be numbers between 0 and 1, comma-separated")
+
+    def lora_scale_values(self) -> list[float]:
+        try:
+            return [float(s) for s in self.lora_scales.split(",") if s.strip()]
+        except ValueError:
+            raise UsageError(f"option --lora_scales: '{self.lora_scales}' is not a comma-separated list of numbers")
 
 
 @dataclass

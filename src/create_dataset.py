@@ -33,7 +33,7 @@ logger = logging.getLogger(__name__)
 # Cyrillic. Every token remembers whether a space preceded it, so detokenization is exact (see `join`).
 _TOKEN = re.compile(r"\w+(?:[-.,/'’]\w+)*|[^\w\s]")
 SHINGLE_WORDS = 6  # a document sharing half of its 6-word shingles with another one is a near-duplicate
-_SENTENCE_END = re.compile(r"(?<=[.!?…])\s+(?=[\"«(\[]?[A-ZА-ЯЁ0-9])")
+SENTENCE_END = re.compile(r"(?<=[.!?…])\s+(?=[\"«(\[]?[A-ZА-ЯЁ0-9])")
 
 
 def tokenize(text: str) -> list[tuple[str, bool]]:
@@ -65,7 +65,7 @@ def normalized_key(text: str) -> str:
 
 def split_text(text: str, mode: str, window_words: int) -> list[str]:
     if mode == "sentences":
-        return [s.strip() for s in _SENTENCE_END.split(text) if s.strip()]
+        return [s.strip() for s in SENTENCE_END.split(text) if s.strip()]
     if mode == "windows":
         tokens = tokenize(text)
         return [join(tokens[i : i + window_words]) for i in range(0, len(tokens), window_words)]
@@ -78,7 +78,7 @@ def clean_corpus(texts, cfg: DataConfig) -> tuple[list[str], dict]:
     seen, kept = set(), []
     for raw in texts:
         counts["read"] += 1
-        text = clean_text(raw)
+        text = clean_text(raw, keep_lines=True)
         if len(text) > cfg.max_chars:
             text, counts["truncated"] = text[: cfg.max_chars], counts["truncated"] + 1
         if not text:
@@ -119,6 +119,11 @@ def clean_pairs(queries, documents, max_chars: int) -> list[tuple[str, str]]:
             seen.add(key)
             kept.append((query, doc))
     return kept
+
+
+def file_columns(path: str, text_column: str = "text") -> list[str]:
+    """The columns of a training file (a .txt file has one: `text_column`)."""
+    return [str(c) for c in read_table(path, text_column).columns]
 
 
 def load_training_data(cfg: DataConfig, seed: int, need_texts: bool = True, need_pairs: bool = False) -> TrainingData:

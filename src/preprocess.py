@@ -31,13 +31,17 @@ _SPACE = re.compile(r"\s+")
 _EMPTY_PARTS = re.compile(r"(\s*[.;,]\s*)(?=[.;,]|$)")
 
 
-def clean_text(text) -> str:
-    """Unescape HTML entities, drop tags (block tags become spaces), NFC-normalize, squeeze whitespace."""
+def clean_text(text, keep_lines: bool = False) -> str:
+    """Unescape HTML entities, drop tags (block tags become spaces), NFC-normalize, squeeze whitespace. With
+    `keep_lines`, line breaks survive (one per run of blank lines): a document's headings stay findable."""
     if text is None or (isinstance(text, float) and pd.isna(text)):
         return ""
     text = html.unescape(str(text))
     text = _TAG.sub("", _BLOCK_TAG.sub(" ", text))
     text = unicodedata.normalize("NFC", text).replace("\u00a0", " ")
+    if keep_lines:
+        lines = (_SPACE.sub(" ", line).strip() for line in text.splitlines())
+        return "\n".join(line for line in lines if line)
     return _SPACE.sub(" ", text).strip()
 
 

@@ -33,10 +33,10 @@ from sentence_transformers.sentence_transformer.training_args import SentenceTra
 from transformers import TrainerCallback, set_seed
 
 from src.config import Config, parse_config
-from src.create_dataset import TrainingData, WordNoise, load_training_data
+from src.create_dataset import TrainingData, file_columns, load_training_data
 from src.errors import KitError, UsageError, run_cli
 from src.model_builder import bf16_enabled, build_model, load_sentence_transformer, pick_device
-from src.objectives import (OBJECTIVE_PARTS, build_objective, dev_evaluator, needs_pairs, needs_texts,
+from src.objectives import (build_objective, dev_evaluator, needs_pairs, needs_texts, parts, resolve_objective,
                             uses_in_batch_negatives)
 
 logger = logging.getLogger(__name__)
@@ -44,14 +44,15 @@ TRAINABLE_FILE = "trainable_state.safetensors"  # LoRA + decoder weights, beside
 BEST_FILE = "best_state.safetensors"  # trainable state of the best development evaluation
 
 
-class NoiseEpochCallback(TrainerCallback):
-    """Tell the noise which epoch it is, so every epoch sees a fresh corruption of each text."""
+class EpochCallback(TrainerCallback):
+    """Tell the noise and the document pairs which epoch it is, so every epoch draws them afresh."""
 
-    def __init__(self, noise: WordNoise):
-        self.noise = noise
+    def __init__(self, epoch_aware: list):
+        self.epoch_aware = epoch_aware
 
     def on_epoch_begin(self, args, state, control, **kwargs):
-        self.noise.epoch = int(math.floor(state.epoch or 0))
+        for item in self.epoch_aware:
+            item.epoch = int(math.floor(state.epoch or 0))
 
 
 class TrainableStateCallback(TrainerCallback):
@@ -99,6 +100,7 @@ class BestStateCallback(TrainerCallback):
         self.model, self.file, self.record = model, folder / BEST_FILE, folder / "best.json"
         self.best = json.loads(self.record.read_text())["dev_ndcg@10"] if self.record.exists() else -math.inf
         self.history: list[tuple[int, float]] = []
+        self.step = json.loads(self.record.read_text())["step"] if self.record.exists() else None
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
         score = dev_score(metrics or {})
@@ -108,7 +110,7 @@ class BestStateCallback(TrainerCallback):
     def consider(self, step: int, score: float, main_process: bool = True) -> None:
         self.history.append((step, score))
         if score > self.best and main_process:
-            self.best = score
+            self.best, self.step = score, step
             save_trainable_state(self.model, self.file)
             self.record.write_text(json.dumps({"step": step, "dev_ndcg@10": score}) + "\n")
             logger.info("step %d: development nDCG@10 %.4f, the best so far", step, score)
@@ -121,6 +123,42 @@ class BestStateCallback(TrainerCallback):
         logger.info("restored the best development state: step %d (nDCG@10 %.4f)", record["step"],
                     record["dev_ndcg@10"])
         return record
+
+
+def choose_lora_scale(model: torch.nn.Module, evaluator, best: BestStateCallback, scales: list[float]) -> float:
+    """Interpolate between the base model (scale 0) and the selected state (1) by scaling every LoRA B matrix,
+    and keep the scale with the best development nDCG@10. Fine-tuning that moved too far often does better
+    part of the way back (Wortsman et al., "Robust fine-tuning of zero-shot models", CVPR 2022: WiSE-FT).
+    Scale 0 already competed as step 0, so only the scales in between are tried."""
+    lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
+    if not lora_b or not scales or not best.step:
+        return 1.0
+    trained = [p.detach().clone() for p in lora_b]
+
+    def set_scale(scale: float) -> None:
+        with torch.no_grad():
+            for p, t in zip(lora_b, trained):
+                p.copy_(t * scale)
+
+    scores = {1.0: best.best}
+    for scale in scales:
+        set_scale(scale)
+        scores[scale] = dev_score(evaluator(model))
+        logger.info("adapter at scale %.2f: development nDCG@10 %.4f", scale, scores[scale])
+    chosen = max(scores, key=lambda k: (scores[k], k))
+    set_scale(chosen)
+    logger.info("adapter scale %.2f kept (development nDCG@10 %.4f; as trained %.4f)", chosen, scores[chosen],
+                scores[1.0])
+    return chosen
+
+
+def peak_memory_gb(device: str) -> float:
+    """Peak GPU memory allocated by torch on CUDA; the process's peak resident memory on CPU."""
+    if device == "cuda":
+        return round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)  # Linux reports KiB
 
 
 def dev_score(metrics: dict) -> float | None:
@@ -300,11 +338,8 @@ def build_trainer(cfg: Config, model, data: TrainingData, folder: Path, device: 
         # Registered under the Transformer module, so data-parallel wrappers see (and all-reduce) its weights
         # and the checkpoints include them.
         model[0].tsdae_decoder = objective.decoder
-    evaluator = (dev_evaluator(model, data, cfg.eval.eval_batch_size, cfg.train.dev_distractors, cfg.train.seed)
-                 if cfg.train.select_best else None)
-    callbacks = [TrainableStateCallback(model), StopOnSignalCallback()]
-    if objective.noise is not None:
-        callbacks.append(NoiseEpochCallback(objective.noise))
+    evaluator = dev_evaluator(model, data, cfg) if cfg.train.select_best else None
+    callbacks = [TrainableStateCallback(model), StopOnSignalCallback(), EpochCallback(objective.epoch_aware)]
     if objective.decoder is not None and cfg.train.decoder_warmup_steps:
         decoder_ids = {id(p) for p in objective.decoder.parameters()}
         encoder_params = [p for p in model.parameters() if p.requires_grad and id(p) not in decoder_ids]
@@ -344,11 +379,14 @@ def train(cfg: Config) -> Path:
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     device = pick_device(cfg.train.device)
+    requested = cfg.train.objective
+    cfg.train.objective = resolve_objective(requested, file_columns(cfg.data.train_file, cfg.data.text_column),
+                                            cfg.data.pair_column_names(), cfg.data.text_column, cfg.data.train_file)
     data = load_training_data(cfg.data, cfg.train.seed, needs_texts(cfg.train.objective),
                               needs_pairs(cfg.train.objective))  # bad data fails before any folder exists
     logger.info("objective %s: %d training texts, %d training pairs; development: %d texts, %d pairs",
                 cfg.train.objective, len(data.texts), len(data.pairs), len(data.dev_texts), len(data.dev_pairs))
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and len(OBJECTIVE_PARTS[cfg.train.objective]) > 1:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and len(parts(cfg.train.objective)) > 1:
         # DDP would have to find the decoder's unused parameters on mnrl batches, and its unused-parameter search
         # cannot handle TSDAE's second pass through the same (shared) layers.
         raise UsageError(f"option --objective {cfg.train.objective}: not supported under torchrun; run tsdae, then "
@@ -374,17 +412,21 @@ def train(cfg: Config) -> Path:
     if not trainer.is_world_process_zero():
         return folder
     selected = best.restore() if best is not None else None
+    lora_scale = (choose_lora_scale(model, trainer.evaluator, best, cfg.train.lora_scale_values())
+                  if best is not None else 1.0)
 
     history = trainer.state.log_history
     (folder / "training_log.json").write_text(json.dumps(history, indent=2) + "\n", encoding="utf-8")
     plot_loss(history, folder / "loss.png")
     save_models(model, cfg, folder)
-    summary = {"objective": cfg.train.objective, "train_texts": len(data.texts), "train_pairs": len(data.pairs),
+    summary = {"objective": cfg.train.objective, "objective_requested": requested, "train_texts": len(data.texts), "train_pairs": len(data.pairs),
                "dev_texts": len(data.dev_texts), "dev_pairs": len(data.dev_pairs), "steps": trainer.state.global_step,
                "train_seconds": round(result.metrics.get("train_runtime", 0.0), 1),
                "train_samples_per_second": result.metrics.get("train_samples_per_second"),
                "final_train_loss": result.metrics.get("train_loss"), "device": device, "bf16": trainer.args.bf16,
-               "selected": selected, "dev_ndcg@10_by_step": best.history if best is not None else None}
+               "selected": selected, "lora_scale": lora_scale,
+               "dev_ndcg@10_by_step": best.history if best is not None else None,
+               "peak_memory_gb": peak_memory_gb(device)}
     if selected is not None and selected["step"] == 0:
         logger.warning("no training step beat the base model on the development pairs: the saved model is the "
                        "base model unchanged")

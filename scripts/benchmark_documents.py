@@ -1,0 +1,166 @@
+"""Adaptation from documents alone: every recipe on every development collection, against the base model.
+
+    python scripts/benchmark_documents.py                              # the whole table (hours on 2 CPU cores)
+    python scripts/benchmark_documents.py --collections ru_catalog_docs --recipes auto,ict
+
+Each recipe is the kit's own command (`python -m src.trainer`, one subprocess per run, so its peak memory is
+its own) trained on a collection's documents alone (`data/dev/<name>/train.jsonl`: `_id` + `text`, no titles,
+no queries), then its merged model is evaluated on the collection's held-out title -> document test pairs
+(`test/`, or the bundled catalog test set), with the same evaluation code and bootstrap seed as
+`python -m src.evaluation`. The base model is encoded once per collection. Finished runs are reused (delete
+a run folder to redo it), so the table can be built over several sessions.
+
+Agreement of the development signal (what model selection sees) with the test: across all runs, the rank
+correlation (Spearman) of the development gain (selected or final development nDCG@10 minus step 0's) with the
+held-out test gain. Writes results.json and results.md to --output_dir and prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from src.config import EvalConfig  # noqa: E402
+from src.create_dataset import load_retrieval_data  # noqa: E402
+from src.evaluation import MAIN_METRIC, compare, evaluate_model, load_model, verdict  # noqa: E402
+
+DEV = ROOT / "data" / "dev"
+TEST_FOLDERS = {"ru_catalog_docs": ROOT / "data" / "ru_catalog" / "test"}  # the rest: data/dev/<name>/test
+# Recipe -> the trainer's options. "guard" = model selection on development pairs from held-out documents +
+# the adapter-scale search (both on by default); "noguard" turns both off and keeps the last step.
+NO_GUARD = ["--select_best", "false", "--lora_scales", ""]
+RECIPES = {
+    "auto": [],  # the default command
+    "lead": ["--objective", "lead"],
+    "ict": ["--objective", "ict"],
+    "crop": ["--objective", "crop"],
+    "lead+anchor": ["--objective", "lead", "--anchor_weight", "1.0"],
+    "lead-noguard": ["--objective", "lead", *NO_GUARD],
+    "ict-noguard": ["--objective", "ict", *NO_GUARD],
+    "tsdae": ["--objective", "tsdae", "--learning_rate", "2e-5", "--batch_size", "8"],
+    "simcse": ["--objective", "simcse", "--learning_rate", "2e-5"],
+}
+
+
+def collections(names: str) -> list[str]:
+    found = sorted(p.parent.name for p in DEV.glob("*/train.jsonl"))
+    wanted = [n.strip() for n in names.split(",") if n.strip()] or found
+    unknown = [n for n in wanted if n not in found]
+    if unknown:
+        sys.exit(f"error: no collection '{unknown[0]}' in {DEV} (have: {', '.join(found)}); build them with "
+                 f"python scripts/build_dev_collections.py")
+    return wanted
+
+
+def train(collection: str, recipe: str, folder: Path) -> dict:
+    """The kit's command for one recipe on one collection's documents; its run.json."""
+    if not (folder / "run.json").exists():
+        command = [sys.executable, "-m", "src.trainer", "--train_file", str(DEV / collection / "train.jsonl"),
+                   "--eval_data", "", "--output_dir", str(folder), "--overwrite", *RECIPES[recipe]]
+        print(f"--- {collection} / {recipe}: {' '.join(command[1:])}", flush=True)
+        subprocess.run(command, cwd=ROOT, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    return json.loads((folder / "run.json").read_text())
+
+
+def base_result(collection: str, data, cfg: EvalConfig, folder: Path) -> dict:
+    """The base model's per-query metrics on a collection, encoded once and kept in `folder`."""
+    import numpy as np
+
+    cache = folder / "base_per_query.json"
+    if not cache.exists():
+        result = evaluate_model(load_model("intfloat/multilingual-e5-small"), data, cfg)
+        folder.mkdir(parents=True, exist_ok=True)
+        cache.write_text(json.dumps({m: v.tolist() for m, v in result["per_query"].items()}))
+    return {m: np.array(v) for m, v in json.loads(cache.read_text()).items()}
+
+
+def dev_gain(run: dict) -> float | None:
+    """Development nDCG@10 of the shipped state minus the base's (step 0), as model selection saw them."""
+    history = run.get("dev_ndcg@10_by_step") or []
+    if not history:
+        return None
+    shipped = run["selected"]["dev_ndcg@10"] if run.get("selected") else history[-1][1]
+    return shipped - history[0][1]
+
+
+def evaluate(collection: str, recipe: str, folder: Path, data, base, cfg: EvalConfig) -> dict:
+    cache = folder / "benchmark_row.json"
+    if cache.exists():
+        return json.loads(cache.read_text())
+    run = train(collection, recipe, folder)
+    result = evaluate_model(load_model(str(folder / "merged")), data, cfg)
+    c = compare(result["per_query"], base, cfg.bootstrap_samples, seed=0)
+    row = {"collection": collection, "recipe": recipe, "objective": run["objective"],
+           "ndcg@10": 100 * result["metrics"][MAIN_METRIC], "base": 100 * float(base[MAIN_METRIC].mean()),
+           "difference": 100 * c[MAIN_METRIC]["difference"], "ci95": [100 * x for x in c[MAIN_METRIC]["ci95"]],
+           "p_value": c[MAIN_METRIC]["p_value"], "verdict": verdict(c), "train_seconds": run["train_seconds"],
+           "peak_memory_gb": run.get("peak_memory_gb"), "selected_step": (run.get("selected") or {}).get("step"),
+           "steps": run["steps"], "lora_scale": run.get("lora_scale"), "dev_gain": dev_gain(run),
+           "command": "python -m src.trainer --train_file data/dev/" + collection + "/train.jsonl "
+                      + " ".join(repr(a) if not a else a for a in RECIPES[recipe])}
+    cache.write_text(json.dumps(row, indent=2) + "\n")
+    return row
+
+
+def spearman(rows: list[dict]) -> tuple[float | None, int]:
+    from scipy.stats import spearmanr
+
+    points = [(r["dev_gain"], r["difference"]) for r in rows if r["dev_gain"] is not None]
+    if len(points) < 3:
+        return None, len(points)
+    return float(spearmanr(*zip(*points)).statistic), len(points)
+
+
+def markdown(rows: list[dict], agreement: tuple) -> str:
+    lines = ["| collection | recipe | nDCG@10 | base | difference [95% CI] | verdict | selected step / steps | "
+             "adapter scale | train s | peak GB |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['collection']} | {r['recipe']} ({r['objective']}) | {r['ndcg@10']:.2f} | {r['base']:.2f} | "
+                     f"{r['difference']:+.2f} [{r['ci95'][0]:+.2f}, {r['ci95'][1]:+.2f}] | {r['verdict']} | "
+                     f"{r['selected_step']} / {r['steps']} | {r['lora_scale']} | {r['train_seconds']:.0f} | "
+                     f"{r['peak_memory_gb']} |")
+    by_recipe = {}
+    for r in rows:
+        by_recipe.setdefault(r["recipe"], []).append(r["difference"])
+    lines += ["", "| recipe | collections | mean difference |", "|---|---|---|"]
+    lines += [f"| {k} | {len(v)} | {sum(v) / len(v):+.2f} |" for k, v in by_recipe.items()]
+    rho, n = agreement
+    lines += ["", f"Development gain vs test gain, Spearman rho over {n} runs: "
+              + (f"{rho:+.2f}" if rho is not None else "n/a (fewer than 3 runs)")]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--collections", default="", help="comma-separated names under data/dev/ ('' = all)")
+    parser.add_argument("--recipes", default=",".join(RECIPES), help=f"comma-separated, of: {', '.join(RECIPES)}")
+    parser.add_argument("--output_dir", default="runs/bench-documents")
+    args = parser.parse_args()
+    recipes = [r.strip() for r in args.recipes.split(",") if r.strip()]
+    unknown = [r for r in recipes if r not in RECIPES]
+    if unknown:
+        sys.exit(f"error: unknown recipe '{unknown[0]}' (have: {', '.join(RECIPES)})")
+    out, cfg = ROOT / args.output_dir, EvalConfig()
+    rows = []
+    for collection in collections(args.collections):
+        data = load_retrieval_data(str(TEST_FOLDERS.get(collection, DEV / collection / "test")))
+        base = base_result(collection, data, cfg, out / collection)
+        for recipe in recipes:
+            rows.append(evaluate(collection, recipe, out / collection / recipe, data, base, cfg))
+            print(markdown(rows[-1:], (None, 0)).splitlines()[2], flush=True)
+    agreement = spearman(rows)
+    (out / "results.json").write_text(json.dumps({"rows": rows, "spearman_dev_vs_test": agreement[0],
+                                                  "runs_correlated": agreement[1]}, indent=2) + "\n")
+    (out / "results.md").write_text(markdown(rows, agreement))
+    print(markdown(rows, agreement))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,159 @@
+"""Pairs from documents alone (ict, crop, lead), the `auto` objective, the development split of documents, and
+the forgetting guards (adapter disabled = base model; adapter scale 0 = base model)."""
+
+import json
+import logging
+
+import pandas as pd
+import pytest
+import torch
+
+from conftest import ROOT, RU_TRAIN
+from src.config import DataConfig, ModelConfig
+from src.create_dataset import load_training_data, normalized_key, tokenize
+from src.document_pairs import CONSTRUCTIONS, DocumentPairs, document_pairs_dataset
+from src.errors import UsageError
+from src.objectives import DOCUMENTS_DEFAULT, development_pairs, resolve_objective
+
+DOCS = [json.loads(line)["description"] for line in RU_TRAIN.read_text(encoding="utf-8").splitlines()[:200]]
+
+
+def words(text: str) -> set[str]:
+    return {t for t, _ in tokenize(text)}
+
+
+@pytest.mark.parametrize("kind", CONSTRUCTIONS)
+def test_each_construction_pairs_two_different_sides_of_the_same_document(kind):
+    pairs = DocumentPairs(kind, seed=0)
+    for i, doc in enumerate(DOCS):
+        query, positive = pairs(doc, i)
+        assert query and positive and query != positive
+        assert words(query) <= words(doc) and words(positive) <= words(doc)  # nothing from elsewhere
+        assert len(tokenize(query)) <= 32
+
+
+def test_lead_takes_the_heading_line_when_there_is_one():
+    assert DocumentPairs("lead", 0)("Installing printers\nOpen Settings, then Printers.", 0) == (
+        "Installing printers", "Open Settings, then Printers.")
+
+
+@pytest.mark.parametrize("kind", ["ict", "crop"])
+def test_random_pairs_are_redrawn_each_epoch_and_repeat_for_the_same_seed(kind):
+    first, again, other_seed = DocumentPairs(kind, 7), DocumentPairs(kind, 7), DocumentPairs(kind, 8)
+    epoch0 = [first(d, i) for i, d in enumerate(DOCS)]
+    assert epoch0 == [again(d, i) for i, d in enumerate(DOCS)]
+    assert sum(a != b for a, b in zip(epoch0, [other_seed(d, i) for i, d in enumerate(DOCS)])) > 0.5 * len(DOCS)
+    first.epoch = 1
+    epoch1 = [first(d, i) for i, d in enumerate(DOCS)]
+    assert sum(a != b for a, b in zip(epoch0, epoch1)) > 0.5 * len(DOCS)
+
+
+def test_the_dataset_draws_each_row_from_its_own_document_afresh_each_epoch():
+    pairs = DocumentPairs("ict", 0)
+    dataset = document_pairs_dataset(DOCS[:20], pairs)
+    before = dataset[:20]
+    for query, positive, doc in zip(before["anchor"], before["positive"], DOCS):
+        assert words(query) <= words(doc) and words(positive) <= words(doc)
+    pairs.epoch = 1
+    assert dataset[:20]["anchor"] != before["anchor"]
+
+
+@pytest.fixture()
+def documents_file(tmp_path):
+    path = tmp_path / "docs.jsonl"
+    pd.DataFrame({"_id": [f"d{i}" for i in range(len(DOCS))], "text": DOCS}).to_json(
+        path, orient="records", lines=True, force_ascii=False)
+    return path
+
+
+def test_no_development_document_is_trained_on(documents_file):
+    data = load_training_data(DataConfig(train_file=str(documents_file), validation_fraction=0.1), seed=0)
+    assert not data.pairs and len(data.dev_texts) >= 15
+    trained = {normalized_key(t) for t in data.texts}
+    assert not any(normalized_key(t) in trained for t in data.dev_texts)
+    dev_pairs, pool = development_pairs(data, "lead", seed=0)
+    assert len(dev_pairs) == len(data.dev_texts)
+    for query, positive in dev_pairs:  # every development pair comes from a held-out document
+        assert any(words(query) | words(positive) <= words(t) for t in data.dev_texts)
+    assert not {normalized_key(p) for _, p in dev_pairs} & {normalized_key(p) for p in pool}
+
+
+def test_auto_picks_catalog_pairs_when_the_file_has_them_and_the_documents_recipe_otherwise(caplog):
+    caplog.set_level(logging.INFO)
+    pair_columns = ["title", "description"]
+    assert resolve_objective("auto", ["title", "description", "text"], pair_columns, "text", "cat.jsonl") == "mnrl"
+    assert "auto -> mnrl" in caplog.text and "pair columns title,description" in caplog.text
+    assert DOCUMENTS_DEFAULT == "lead"  # README: "auto" on documents alone trains the lead recipe
+    assert resolve_objective("auto", ["_id", "text"], pair_columns, "text", "docs.jsonl") == "lead"
+    assert "auto -> lead" in caplog.text and "documents alone" in caplog.text
+
+
+def test_an_explicit_pair_objective_without_its_columns_says_what_works_for_documents():
+    with pytest.raises(UsageError, match=r"--objective mnrl: needs the pair column 'title' .* docs.jsonl lacks "
+                                         r"\(has: _id, text\); for plain documents use --objective auto or lead"):
+        resolve_objective("mnrl", ["_id", "text"], ["title", "description"], "text", "docs.jsonl")
+    with pytest.raises(UsageError, match="--objective ict: needs the text column 'body'"):
+        resolve_objective("ict", ["_id", "text"], [], "body", "docs.jsonl")
+
+
+# ---- forgetting guards -------------------------------------------------------------------------------------
+
+
+def embed(model, texts):
+    return model.encode(texts, convert_to_tensor=True, normalize_embeddings=True)
+
+
+@pytest.fixture()
+def lora_model(tiny_xlmr):
+    """A LoRA model whose adapter is no longer a no-op (B matrices randomised), and the plain base model."""
+    from src.model_builder import build_model, load_sentence_transformer
+
+    cfg = ModelConfig(model_name_or_path=str(tiny_xlmr), precision="none")
+    model, base = build_model(cfg), load_sentence_transformer(cfg)
+    model.max_seq_length = base.max_seq_length  # compare like with like (build_model sets the training length)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    model.eval()
+    return model, base
+
+
+def test_disabled_adapter_embeddings_equal_the_base_model(lora_model):
+    from src.objectives import adapters_disabled
+
+    model, base = lora_model
+    texts = DOCS[:8]
+    adapted = embed(model, texts)
+    with adapters_disabled(model):
+        disabled = embed(model, texts)
+    assert (adapted - disabled).abs().max() > 1e-3  # the adapter does change the embeddings
+    assert torch.allclose(disabled, embed(base, texts), atol=1e-5)
+    assert torch.equal(embed(model, texts), adapted)  # and it is back on afterwards
+
+
+def test_adapter_scale_zero_is_the_base_model_and_one_is_as_trained(lora_model):
+    from src.trainer import BestStateCallback, choose_lora_scale
+
+    model, base = lora_model
+    texts = DOCS[:8]
+    adapted = embed(model, texts)
+
+    class Best(BestStateCallback):
+        def __init__(self):
+            self.best, self.step = 0.5, 10
+
+    seen = []
+
+    def evaluator(m):  # development score: highest when the model is the base model
+        seen.append(embed(m, texts))
+        distance = (seen[-1] - embed(base, texts)).abs().max().item()
+        return {"eval_dev_cosine_ndcg@10": 1.0 - distance}
+
+    scale = choose_lora_scale(model, evaluator, Best(), [0.0, 0.5])
+    assert scale == 0.0
+    assert torch.allclose(seen[0], embed(base, texts), atol=1e-5)  # scale 0 = the base model
+    assert not torch.allclose(seen[1], adapted, atol=1e-3)  # scale 0.5 is in between
+    assert torch.allclose(embed(model, texts), embed(base, texts), atol=1e-5)  # the chosen scale stays set
+    assert choose_lora_scale(model, evaluator, Best(), []) == 1.0
