@@ -44,7 +44,8 @@ class DataConfig:
         "Split long texts into sentences or fixed word windows before training.", default="none")
     window_words: int = help_field("Words per window when split_mode=windows.", default=64)
     max_train_texts: int = help_field("Use at most this many training texts (0 = all).", default=0)
-    validation_fraction: float = help_field("Fraction of texts held out as a development split.", default=0.05)
+    validation_fraction: float = help_field("Fraction of rows held out as a development split (at least 100 rows, or "
+                                            "a fifth of a smaller file; 0 = none).", default=0.05)
 
     def validate(self):
         check_option(self.min_words >= 1, "min_words", "must be >= 1")

@@ -32,6 +32,7 @@ logger = logging.getLogger(__name__)
 # "3.5", "1,5", "Wi-Fi", "don't"); any other non-space character is a token of its own. Unicode \w covers
 # Cyrillic. Every token remembers whether a space preceded it, so detokenization is exact (see `join`).
 _TOKEN = re.compile(r"\w+(?:[-.,/'’]\w+)*|[^\w\s]")
+MIN_DEV_ITEMS = 100  # development queries below this make model selection a coin toss
 SHINGLE_WORDS = 6  # a document sharing half of its 6-word shingles with another one is a near-duplicate
 SENTENCE_END = re.compile(r"(?<=[.!?…])\s+(?=[\"«(\[]?[A-ZА-ЯЁ0-9])")
 
@@ -139,6 +140,8 @@ def load_training_data(cfg: DataConfig, seed: int, need_texts: bool = True, need
     if cfg.max_train_texts:
         frame = frame.iloc[: cfg.max_train_texts]
     n_dev = int(round(len(frame) * cfg.validation_fraction))
+    if n_dev:  # a small file still gets enough development items to tell checkpoints apart (or a fifth of it)
+        n_dev = max(n_dev, min(MIN_DEV_ITEMS, len(frame) // 5))
     dev, train = frame.iloc[:n_dev], frame.iloc[n_dev:]
     data = TrainingData([], [])
     if need_texts:

@@ -1,0 +1,381 @@
+"""Build the development retrieval collections under data/dev/ (documents-only domain adaptation checks).
+
+    python scripts/build_dev_collections.py [--out data/dev] [--collections a,b,c] [--workdir /tmp/dev_debs]
+
+Collections:
+- ru_catalog_docs: the descriptions (no titles) of the bundled data/ru_catalog/train.jsonl as training
+  documents; its test set is the existing data/ru_catalog/test (not copied).
+- ru_gimp_help, en_postgresql_doc, en_python_doc: the GIMP manual in Russian, the PostgreSQL 15 manual and the
+  Python 3.11 documentation, from Debian 12 packages downloaded here with `apt-get download` (needs `apt-get
+  update` once) and unpacked with `dpkg-deb -x`. HTML pages are split at their headings (h1-h4): a section's
+  TITLE is the query, its BODY (the title removed) the document.
+
+Rules for the Debian collections (like `holdout_split` of the catalog):
+- bodies are plain text (markup stripped, whitespace squeezed, one paragraph a line), a leading repeat of the
+  title removed, cut to 1,500 characters; titles lose their "4.2." numbering;
+- a title that cannot be a query (under 2 words, generic: GENERIC_TITLES, or occurring more than once in the
+  source) makes no item of its own: the section's text (not its heading) joins the enclosing section's body; a page
+  without such an enclosing section stays an untitled document (training document and distractor only);
+- dropped: bodies under 15 words; in the Russian collection, texts that are mostly not Cyrillic (untranslated
+  pages); exact duplicate bodies keep one copy;
+- at most 3,000 documents and ~3 MB per collection (a seed-0 sample when the source has more);
+- test items: 300-500 (a third of the documents, within those bounds) drawn with seed 0 among titled items whose
+  body shares under half of its 6-word shingles with every other body (`near_duplicates`); the other documents
+  are the training documents. The test corpus holds every document, training ones included as distractors.
+
+Writes <out>/<name>/train.jsonl ({"_id", "text"}) and <out>/<name>/test/ (BEIR: corpus.jsonl, queries.jsonl,
+qrels/test.tsv), then prints a table of the collections with the source package versions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from html.parser import HTMLParser
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from src.create_dataset import RetrievalData, near_duplicates, normalized_key, save_beir  # noqa: E402
+from src.errors import KitError, run_cli  # noqa: E402
+from src.preprocess import clean_text  # noqa: E402
+from src.tables import read_table, write_table  # noqa: E402
+
+SEED = 0
+MAX_CHARS = 1500
+MIN_BODY_WORDS, MIN_TITLE_WORDS = 15, 2
+MAX_DOCS, MAX_BYTES = 3000, 3_000_000
+MIN_TEST, MAX_TEST = 300, 500
+GENERIC_TITLES = {normalized_key(t) for t in (
+    "Introduction", "Overview", "See also", "See Also", "Notes", "Note", "Example", "Examples", "Description",
+    "Synopsis", "Options", "Parameters", "Compatibility", "Summary", "Tips", "Tip", "Warning", "Usage",
+    "Activating the Tool", "Activating the Filter", "Activating the Dialog", "Activating the Command",
+    "Key modifiers", "Key modifiers (Defaults)", "Return Value", "Return Values", "Arguments", "Outputs",
+    "Description of the dialog", "Getting started", "Further reading", "More information",
+    "Описание", "Введение", "Обзор", "Примечание", "Примечания", "Пример", "Примеры", "См. также", "Параметры",
+    "Подробнее", "Дополнительная информация", "Советы", "Совет")}
+_NUMBERING = re.compile(  # "4.2. ", "E.1. ", "Chapter 5. ", "Глава 5. "
+    r"^(?:(?:Chapter|Appendix|Part|Глава|Приложение|Часть)\s+)?(?:[A-Z]|[IVX]+|\d+)(?:\.\d+)*\.\s+")
+_CYRILLIC, _LATIN = re.compile(r"[а-яё]", re.I), re.compile(r"[a-z]", re.I)
+_WORD = re.compile(r"\w+(?:[-.,/'’]\w+)*")  # the kit's word tokens, punctuation not counted
+
+
+@dataclass
+class Item:
+    """One page or section of a manual: its title and its body paragraphs (raw, cleaned later)."""
+
+    page: str
+    level: int  # heading level: a section belongs to the closest preceding item of a lower level
+    title: str
+    paragraphs: list[str]
+
+
+@dataclass
+class Source:
+    language: str
+    package: str
+    parse: Callable[[Path], list[Item]]  # unpacked package root -> items
+
+
+# --------------------------------------------------------------------------------------------------------
+# Parsers: one per documentation format
+
+
+class HeadingSplitter(HTMLParser):
+    """Generated HTML (DocBook, Sphinx) -> one item per heading (h1-h4): its text -> the text up to the next
+    heading. Navigation, tables of contents, sidebars, figure/table/example captions, permalink marks and
+    admonition headers ("Note") are skipped."""
+
+    SKIP_CLASSES = {"navheader", "navfooter", "toc", "list-of-figures", "list-of-tables", "list-of-examples",
+                    "mediaobject", "indexterm", "sphinxsidebar", "related", "footer", "mobile-nav", "headerlink",
+                    "contents", "toctree-wrapper"}
+    ADMONITIONS = {"note", "tip", "warning", "caution", "important", "seealso", "admonition"}
+    HEADINGS = {"h1", "h2", "h3", "h4"}
+    BLOCKS = {"p", "div", "li", "dt", "dd", "pre", "tr", "table", "blockquote", "br", "h5", "h6", *HEADINGS}
+    VOID = {"br", "hr", "img", "meta", "link", "col", "input", "area", "base", "wbr"}
+
+    def __init__(self, page: str):
+        super().__init__(convert_charrefs=True)
+        self.page, self.items = page, []
+        self.stack: list[tuple[str, bool, bool]] = []  # open elements: (tag, skipped, inside an admonition)
+        self.heading: list[str] | None = None
+        self.paragraph: list[str] = []
+
+    def _flush(self) -> None:
+        text = "".join(self.paragraph).strip()
+        if text and self.items:
+            self.items[-1].paragraphs.append(text)
+        self.paragraph = []
+
+    def handle_starttag(self, tag, attrs):
+        classes = set((dict(attrs).get("class") or "").split())
+        skipped, admonition = self.stack[-1][1:] if self.stack else (False, False)
+        admonition = admonition or bool(classes & self.ADMONITIONS)
+        skipped = (skipped or tag in {"head", "script", "style"} or bool(classes & self.SKIP_CLASSES)
+                   or (tag == "p" and "title" in classes)
+                   or (admonition and (tag in {"th", *self.HEADINGS} or "admonition-title" in classes)))
+        if tag in self.BLOCKS and not skipped:
+            self._flush()
+            if tag in self.HEADINGS:
+                self.heading = []
+        if tag not in self.VOID:
+            self.stack.append((tag, skipped, admonition))
+
+    def handle_endtag(self, tag):
+        if tag in self.VOID or all(t != tag for t, _, _ in self.stack):
+            return
+        while self.stack[-1][0] != tag:
+            self.stack.pop()
+        skipped = self.stack.pop()[1]
+        if tag in self.HEADINGS and self.heading is not None and not skipped:
+            self.items.append(Item(self.page, int(tag[1]), "".join(self.heading), []))
+            self.heading = None
+        elif tag in self.BLOCKS and not skipped:
+            self._flush()
+
+    def handle_data(self, data):
+        if not (self.stack and self.stack[-1][1]):
+            (self.paragraph if self.heading is None else self.heading).append(data)
+
+
+def html_items(files) -> list[Item]:
+    items = []
+    for path in files:
+        parser = HeadingSplitter(path.as_posix())
+        parser.feed(path.read_text(encoding="utf-8", errors="replace"))
+        parser.close()
+        parser._flush()
+        items.extend(parser.items)
+    return items
+
+
+def gimp_help_items(root: Path) -> list[Item]:
+    """GIMP 2.10 user manual in Russian (DocBook HTML, a page per section, split at its sub-headings)."""
+    return html_items(sorted((root / "usr/share/gimp/2.0/help/ru").glob("*.html")))
+
+
+def postgresql_doc_items(root: Path) -> list[Item]:
+    """PostgreSQL 15 manual (DocBook HTML), split at headings; the release notes (release-*.html) left out."""
+    folder = next(root.glob("usr/share/doc/postgresql-doc-*/html"))
+    return html_items(p for p in sorted(folder.glob("*.html")) if not p.name.startswith("release"))
+
+
+def python_doc_items(root: Path) -> list[Item]:
+    """Python 3.11 documentation (Sphinx HTML), split at headings; "What's New", the changelog and the index
+    pages left out."""
+    folder = next(root.glob("usr/share/doc/python3.*/html"))
+    skip = ("whatsnew/", "genindex", "py-modindex", "search.html", "contents.html", "index.html", "bugs.html",
+            "copyright.html", "license.html", "about.html", "download.html")
+    files = [p for p in sorted(folder.rglob("*.html")) if not any(k in p.relative_to(folder).as_posix() for k in skip)]
+    return html_items(files)
+
+
+SOURCES = {
+    "ru_gimp_help": Source("ru", "gimp-help-ru", gimp_help_items),
+    "en_postgresql_doc": Source("en", "postgresql-doc-15", postgresql_doc_items),
+    "en_python_doc": Source("en", "python3.11-doc", python_doc_items),
+}
+CATALOG = "ru_catalog_docs"
+
+
+# --------------------------------------------------------------------------------------------------------
+# Packages
+
+
+def fetch_package(package: str, workdir: Path) -> tuple[Path, str]:
+    """`apt-get download` the package into workdir, unpack it; -> (unpacked root, exact version)."""
+    debs = workdir / "debs"
+    debs.mkdir(parents=True, exist_ok=True)
+    try:
+        result = subprocess.run(["apt-get", "download", package], cwd=debs, capture_output=True, text=True)
+    except FileNotFoundError as exc:
+        raise KitError("apt-get not found: this script needs a Debian 12 system (or container)") from exc
+    if result.returncode != 0:
+        message = (result.stderr.strip().splitlines() or ["no output"])[-1]
+        raise KitError(f"apt-get download {package} failed ({message}); run `apt-get update` first")
+    deb = max(debs.glob(f"{package}_*.deb"), key=lambda p: p.stat().st_mtime)
+    version = subprocess.run(["dpkg-deb", "-f", str(deb), "Version"], capture_output=True, text=True,
+                             check=True).stdout.strip()
+    root = workdir / "unpacked" / deb.stem
+    if not root.is_dir():
+        root.parent.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["dpkg-deb", "-x", str(deb), str(root)], check=True)
+    return root, version
+
+
+# --------------------------------------------------------------------------------------------------------
+# Items -> documents -> collection
+
+
+def mostly_cyrillic(text: str) -> bool:
+    cyrillic, latin = len(_CYRILLIC.findall(text)), len(_LATIN.findall(text))
+    return cyrillic > 0 and cyrillic >= latin
+
+
+def n_words(text: str) -> int:
+    return len(_WORD.findall(text))
+
+
+def strip_title(title: str, body: str) -> str:
+    """`body` without a leading repeat of `title` (case, punctuation and spacing aside)."""
+    words = _WORD.findall(title)
+    pattern = r"\W*" + r"\W+".join(map(re.escape, words)) + r"(?!\w)[\s.:;,—–()-]*"
+    match = re.match(pattern, body, re.I) if words else None
+    return body[match.end():] if match else body
+
+
+def clean_title(title: str) -> str:
+    return _NUMBERING.sub("", clean_text(title)).strip(" .:")
+
+
+def clean_body(title: str, paragraphs: list[str]) -> str:
+    """Plain text, a paragraph a line, without a leading repeat of the title, cut to MAX_CHARS."""
+    body = strip_title(title, "\n".join(p for p in map(clean_text, paragraphs) if p))
+    if len(body) > MAX_CHARS:
+        body = body[:MAX_CHARS].rsplit(" ", 1)[0]
+    return body
+
+
+def title_problems(titles: list[str]) -> dict[str, np.ndarray]:
+    """Masks of the titles that cannot be a query: too short, generic, or not unique in the source."""
+    keys = pd.Series([normalized_key(t) for t in titles])
+    return {"short_title": np.array([n_words(t) < MIN_TITLE_WORDS for t in titles]),
+            "generic_title": keys.isin(GENERIC_TITLES).to_numpy(),
+            "repeated_title": keys.duplicated(keep=False).to_numpy()}
+
+
+def fold_sections(items: list[Item], good: np.ndarray) -> list[Item]:
+    """A section whose title cannot be a query is no item of its own: its text (not its heading) is appended to
+    the closest enclosing section (same page, lower heading level) that is one. Without one (a page titled "Crop")
+    it stays a document without a title: a training document and distractor, never a test item."""
+    kept: dict[int, Item] = {}
+    open_sections: list[tuple[str, int, int]] = []  # (page, level, item index) enclosing the current item
+    for i, item in enumerate(items):
+        while open_sections and (open_sections[-1][0] != item.page or open_sections[-1][1] >= item.level):
+            open_sections.pop()
+        if good[i]:
+            kept[i] = Item(item.page, item.level, item.title, list(item.paragraphs))
+        else:
+            parent = next((j for _, _, j in reversed(open_sections) if j in kept), None)
+            if parent is not None:
+                kept[parent].paragraphs += item.paragraphs
+            else:
+                kept[i] = Item(item.page, item.level, "", list(item.paragraphs))
+        open_sections.append((item.page, item.level, i))
+    return list(kept.values())
+
+
+def select_items(items: list[Item], language: str) -> tuple[pd.DataFrame, dict]:
+    """Items -> frame (title, body) of the kept items, and the counts of what was folded or dropped."""
+    titles = [clean_title(i.title) for i in items]
+    problems = title_problems(titles)
+    good = ~np.logical_or.reduce(list(problems.values()))
+    counts = {"sections": len(items), **{k: int(v.sum()) for k, v in problems.items()}}
+    for item, title in zip(items, titles):
+        item.title = title
+    folded = fold_sections(items, good)
+    frame = pd.DataFrame({"title": [i.title for i in folded],
+                          "body": [clean_body(i.title, i.paragraphs) for i in folded]})
+    drops = {"short_body": frame["body"].map(n_words) < MIN_BODY_WORDS}
+    if language == "ru":
+        title_ok = frame["title"].map(lambda t: not t or mostly_cyrillic(t))
+        drops["not_russian"] = ~(title_ok & frame["body"].map(mostly_cyrillic))
+    drops["duplicate_body"] = frame["body"].map(normalized_key).duplicated()
+    dropped = np.zeros(len(frame), dtype=bool)
+    for reason, mask in drops.items():
+        counts[reason] = int((mask.to_numpy() & ~dropped).sum())
+        dropped |= mask.to_numpy()
+    counts["kept"] = int((~dropped).sum())
+    counts["untitled"] = int(((frame["title"] == "") & ~dropped).sum())
+    return frame[~dropped].reset_index(drop=True), counts
+
+
+def cap(frame: pd.DataFrame) -> pd.DataFrame:
+    """At most MAX_DOCS documents and ~MAX_BYTES on disk (each body is written twice: train and corpus)."""
+    order = np.random.default_rng(SEED).permutation(len(frame))
+    size = np.cumsum([2 * len(frame["body"][i].encode()) + 60 for i in order])
+    keep = order[: min(MAX_DOCS, int(np.searchsorted(size, MAX_BYTES, side="right")))]
+    return frame.iloc[np.sort(keep)].reset_index(drop=True)
+
+
+def split(frame: pd.DataFrame) -> tuple[list[dict], RetrievalData]:
+    """Hold out test items among the titled items whose body is unlike every other body; -> training
+    documents, test data."""
+    eligible = np.flatnonzero(~near_duplicates(frame["body"].map(normalized_key).tolist()) & (frame["title"] != ""))
+    n_test = min(MAX_TEST, max(MIN_TEST, len(frame) // 3), len(eligible))
+    is_test = np.zeros(len(frame), dtype=bool)
+    is_test[np.random.default_rng(SEED).choice(eligible, n_test, replace=False)] = True
+    corpus = {f"d{i}": body for i, body in enumerate(frame["body"])}
+    queries = {f"q{i}": frame["title"][i] for i in np.flatnonzero(is_test)}
+    qrels = {f"q{i}": {f"d{i}": 1} for i in np.flatnonzero(is_test)}
+    train = [{"_id": f"d{i}", "text": frame["body"][i]} for i in np.flatnonzero(~is_test)]
+    return train, RetrievalData(queries, corpus, qrels, source="dev").validate()
+
+
+def markdown_table(rows: list[dict]) -> str:
+    lines = ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
+    return "\n".join(lines + ["| " + " | ".join(str(v) for v in row.values()) + " |" for row in rows])
+
+
+def words(texts) -> float:
+    return round(float(np.mean([len(t.split()) for t in texts])), 1) if len(texts) else 0.0
+
+
+def build_debian(name: str, source: Source, out: Path, workdir: Path) -> dict:
+    root, version = fetch_package(source.package, workdir)
+    frame, counts = select_items(source.parse(root), source.language)
+    frame = cap(frame)
+    train, test = split(frame)
+    write_table(pd.DataFrame(train), out / name / "train.jsonl")
+    save_beir(test, out / name / "test")
+    print(f"{name}: {counts['sections']} sections; titles short {counts['short_title']}, generic "
+          f"{counts['generic_title']}, repeated {counts['repeated_title']} (folded into the enclosing section); "
+          f"dropped: short body {counts['short_body']}, not Russian {counts.get('not_russian', 0)}, duplicate "
+          f"{counts['duplicate_body']}; kept {counts['kept']} ({counts['untitled']} untitled), {len(frame)} after "
+          f"the cap", file=sys.stderr)
+    return {"collection": name, "lang": source.language, "source": f"{source.package} {version}",
+            "documents": len(test.corpus), "train_docs": len(train), "test_queries": len(test.queries),
+            "words_per_doc": words(list(test.corpus.values())), "words_per_query": words(list(test.queries.values()))}
+
+
+def build_catalog(out: Path) -> dict:
+    """Descriptions only (no titles) of the bundled Russian catalog's training items; test: data/ru_catalog/test."""
+    frame = read_table(ROOT / "data/ru_catalog/train.jsonl")
+    train = pd.DataFrame({"_id": [f"t{i}" for i in range(len(frame))], "text": frame["description"].map(clean_text)})
+    write_table(train, out / CATALOG / "train.jsonl")
+    queries = read_table(ROOT / "data/ru_catalog/test/queries.jsonl")["text"]
+    corpus = read_table(ROOT / "data/ru_catalog/test/corpus.jsonl")["text"]
+    return {"collection": CATALOG, "lang": "ru", "source": "data/ru_catalog (bundled)", "documents": len(corpus),
+            "train_docs": len(train), "test_queries": len(queries), "words_per_doc": words(corpus.tolist()),
+            "words_per_query": words(queries.tolist())}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", default=str(ROOT / "data" / "dev"))
+    parser.add_argument("--collections", default=",".join([CATALOG, *SOURCES]))
+    parser.add_argument("--workdir", default="", help="where .deb files are downloaded and unpacked (default: a "
+                        "temporary folder, removed afterwards)")
+    args = parser.parse_args(argv)
+    names = [n.strip() for n in args.collections.split(",") if n.strip()]
+    unknown = [n for n in names if n != CATALOG and n not in SOURCES]
+    if unknown:
+        raise KitError(f"unknown collection(s) {', '.join(unknown)}; choose from {CATALOG}, {', '.join(SOURCES)}")
+    out = Path(args.out)
+    with tempfile.TemporaryDirectory(prefix="dev_collections_") as tmp:
+        workdir = Path(args.workdir or tmp)
+        rows = [build_catalog(out) if n == CATALOG else build_debian(n, SOURCES[n], out, workdir) for n in names]
+    print(markdown_table(rows))
+
+
+if __name__ == "__main__":
+    run_cli(main)
