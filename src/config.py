@@ -2,7 +2,8 @@
 
 Every field has a default and help text; `python -m src.config --help` lists them all, and
 `python -m src.config [--config FILE] [--option value ...]` prints the resolved settings as JSON.
-A config file may be flat (`learning_rate: 1e-4`) or grouped (`train: {learning_rate: 1e-4}`).
+A config file may be flat (`learning_rate: 1e-4`) or grouped (`train: {learning_rate: 1e-4}`). Every command reads
+its settings through `parse_groups` (with the groups it needs), so `--config` and the one-line errors work alike.
 """
 
 from __future__ import annotations
@@ -150,7 +151,7 @@ class TrainConfig:
         "How development pairs are built from held-out documents when the file has no pair columns.", default="lead")
     lora_scales: str = help_field("After selection, also try the adapter at these fractions of its strength "
                                   "(comma-separated, between 0 = the base and 1 = as trained) on the development "
-                                  "pairs, and keep the best; '' = off.", default="0.25,0.5,0.75")
+                                  "pairs, and keep the best; '' = off.", default="0.5")
     anchor_weight: float = help_field("Guard against forgetting for the contrastive parts: weight of a term keeping "
                                       "each text's embedding near the base model's, computed by the same model with "
                                       "its adapter disabled (no second model in memory). 0 = off.", default=0.0)
@@ -246,8 +247,24 @@ class PreprocessConfig:
         check_option(self.min_chars >= 1, "min_chars", "must be >= 1")
 
 
+@dataclass
+class EvaluationArguments:
+    """Settings of `python -m src.evaluation` besides EvalConfig."""
+
+    model: str = help_field("Model to evaluate (folder or hub name; an adapter/ folder works too).", default="")
+    baseline: str = help_field("Optional model to compare against (e.g. the base model).", default="")
+    output_dir: str = help_field("Where to write metrics.json, report.md and metrics.png.", default="evaluation")
+    overwrite: bool = help_field("Replace reports already in output_dir.", default=False)
+    seed: int = help_field("Seed for query sampling and the bootstrap (0, as the trainer's evaluation uses, so both "
+                           "give the same intervals).", default=0)
+
+    def validate(self):
+        check_option(bool(self.model), "model", "is required")
+
+
 GROUPS = {"data": DataConfig, "noise": NoiseConfig, "model": ModelConfig, "train": TrainConfig,
-          "eval": EvalConfig, "output": OutputConfig}
+          "eval": EvalConfig, "output": OutputConfig}  # the trainer's settings: Config
+ALL_GROUPS = {**GROUPS, "preprocess": PreprocessConfig, "evaluation": EvaluationArguments}  # every command's
 
 
 @dataclass
@@ -276,8 +293,9 @@ def check_option(ok: bool, option: str, message: str) -> None:
         raise UsageError(f"option --{option}: {message}")
 
 
-def _read_config_file(path: str) -> dict:
-    """Flat or grouped YAML/JSON -> flat {option: value}."""
+def _read_config_file(path: str, groups: dict) -> dict:
+    """Flat or grouped YAML/JSON -> flat {option: value} for the options of `groups`. Settings of the kit's other
+    commands are skipped, so one file (a run's config.json, say) serves several commands."""
     p = Path(path)
     if not p.is_file():
         raise UsageError(f"config file {path} does not exist")
@@ -298,9 +316,12 @@ def _read_config_file(path: str) -> dict:
         raise UsageError(f"config file {path}: expected a mapping of option: value")
     flat = {}
     for key, value in raw.items():
-        flat.update(value if key in GROUPS and isinstance(value, dict) else {key: value})
-    known = {f.name for cls in GROUPS.values() for f in dataclasses.fields(cls)}
-    unknown = sorted(set(flat) - known)
+        if not (key in ALL_GROUPS and isinstance(value, dict)):
+            flat[key] = value
+        elif key in groups:
+            flat.update(value)
+    known_anywhere = {f.name for cls in ALL_GROUPS.values() for f in dataclasses.fields(cls)}
+    unknown = sorted(set(flat) - known_anywhere)
     if unknown:
         raise UsageError(f"config file {path}: unknown option '{unknown[0]}'")
     return flat
@@ -318,32 +339,42 @@ def _config_value(action, value, path: str):
     raise UsageError(f"config file {path}: option '{action.dest}': invalid value {value!r}")
 
 
-def build_parser(extra_groups: dict | None = None) -> HfArgumentParser:
-    parser = HfArgumentParser(list(GROUPS.values()) + list((extra_groups or {}).values()))
-    parser.add_argument("--config", default=None, help="YAML or JSON file with settings (CLI options win).")
-    return parser
+class KitParser(HfArgumentParser):
+    """argparse would print the whole usage (dozens of options) above the one line that matters, and exit: raise
+    instead, so that run_cli prints `error: ...` alone, with exit code 2."""
+
+    def error(self, message):
+        raise UsageError(message)
 
 
-def parse_config(argv: list[str] | None = None, extra_groups: dict | None = None):
-    """Resolve settings: defaults < --config file < CLI options. Returns Config (and extra groups)."""
+def parse_groups(groups: dict, argv: list[str] | None = None) -> dict:
+    """Every command's one way to read its settings: the dataclass `groups` (name -> class) it needs, resolved as
+    defaults < --config file < command-line options, each validated. Returns name -> instance."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    parser = build_parser(extra_groups)
-    pre, _ = parser.parse_known_args(argv)  # argparse exits 2 with one line on a malformed option
+    parser = KitParser(list(groups.values()))
+    parser.add_argument("--config", default=None, help="YAML or JSON file with settings (CLI options win).")
+    pre, _ = parser.parse_known_args(argv)
     if pre.config:
-        flat = _read_config_file(pre.config)
+        flat = _read_config_file(pre.config, groups)
         for action in parser._actions:
             if action.dest in flat:
                 action.default = _config_value(action, flat[action.dest], pre.config)
     try:
-        *groups, rest = parser.parse_args_into_dataclasses(argv, return_remaining_strings=True,
+        *values, rest = parser.parse_args_into_dataclasses(argv, return_remaining_strings=True,
                                                            look_for_args_file=False)
     except ValueError as exc:
         raise UsageError(str(exc).splitlines()[0]) from exc
-    rest = [a for a in rest if a != "--config" and a != pre.config]
     if rest:
         raise UsageError(f"unrecognized arguments: {' '.join(rest)}")
-    config = Config(*groups[: len(GROUPS)]).validate()
-    return (config, *groups[len(GROUPS):]) if extra_groups else config
+    settings = dict(zip(groups, values))  # values[len(groups)] is the namespace holding --config
+    for value in settings.values():
+        value.validate()
+    return settings
+
+
+def parse_config(argv: list[str] | None = None) -> Config:
+    """The trainer's settings (every group of Config)."""
+    return Config(**parse_groups(GROUPS, argv))
 
 
 def main(argv=None) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -289,32 +290,66 @@ def load_pairs(path: str, query_column: str, document_column: str) -> RetrievalD
 
 def _read_beir_jsonl(path: Path, kind: str) -> dict[str, str]:
     frame = read_table(path)
-    require_columns(frame, ["_id", "text"], path)
+    id_column = "id" if "_id" not in frame and "id" in frame else "_id"  # BEIR writes _id, many exports id
+    require_columns(frame, [id_column, "text"], path)
     titles = frame["title"].fillna("") if "title" in frame else [""] * len(frame)
     out = {}
-    for _id, title, text in zip(frame["_id"].astype(str), titles, frame["text"].fillna("")):
+    for _id, title, text in zip(frame[id_column].astype(str), titles, frame["text"].fillna("")):
         out[_id] = clean_text(f"{title}. {text}" if title and kind == "corpus" else text)
     return out
 
 
+def _is_number(value) -> bool:
+    try:
+        return math.isfinite(float(value))
+    except ValueError:
+        return False
+
+
+def _qrels_file(root: Path) -> Path:
+    """qrels/test.tsv, else another split's qrels/<split>.tsv (dev, validation, then the first), else qrels.tsv."""
+    files = sorted((root / "qrels").glob("*.tsv")) if (root / "qrels").is_dir() else []
+    if not files:
+        if (root / "qrels.tsv").is_file():
+            return root / "qrels.tsv"
+        raise KitError(f"{root}: no relevance judgements (expected qrels/test.tsv, qrels/<split>.tsv or qrels.tsv)")
+    preferred = {"test": 0, "dev": 1, "validation": 2}
+    chosen = min(files, key=lambda p: preferred.get(p.stem, len(preferred)))
+    others = [p.stem for p in files if p != chosen]
+    logger.info("%s: relevance judgements of split '%s' (%s)%s", root, chosen.stem, chosen.relative_to(root),
+                f"; also there: {', '.join(others)}" if others else "")
+    return chosen
+
+
+def _read_qrels(path: Path) -> dict[str, dict[str, int]]:
+    """query-id, corpus-id, score per line; a first line whose score is not a number is a header, which then
+    names the columns."""
+    frame = read_table(path, header=False)
+    if frame.shape[1] < 3:
+        raise KitError(f"{path}: expected tab-separated query-id, corpus-id, score; found {frame.shape[1]} column(s)")
+    first = [str(v) for v in frame.iloc[0]]
+    if _is_number(first[2]):
+        frame = frame.set_axis(["query-id", "corpus-id", "score", *frame.columns[3:]], axis=1)
+    else:
+        frame = frame.iloc[1:].set_axis(first, axis=1)
+        require_columns(frame, ["query-id", "corpus-id", "score"], path)
+    qrels = {}
+    for qid, did, score in zip(frame["query-id"].astype(str), frame["corpus-id"].astype(str), frame["score"]):
+        if not _is_number(score):
+            raise KitError(f"{path}: score '{score}' for query '{qid}' is not a number")
+        if int(float(score)) > 0:
+            qrels.setdefault(qid, {})[did] = int(float(score))
+    return qrels
+
+
 def load_beir(folder: str) -> RetrievalData:
-    """A BEIR-style folder: corpus.jsonl, queries.jsonl, qrels/test.tsv (or qrels.tsv): query-id corpus-id score."""
+    """A BEIR-style folder: corpus.jsonl and queries.jsonl (id column `_id` or `id`, `title` optional) and
+    qrels/<split>.tsv or qrels.tsv (query-id, corpus-id, score; header line optional)."""
     root = Path(folder)
     corpus = _read_beir_jsonl(root / "corpus.jsonl", "corpus")
     queries = _read_beir_jsonl(root / "queries.jsonl", "queries")
-    qrels_files = sorted((root / "qrels").glob("*.tsv")) if (root / "qrels").is_dir() else [root / "qrels.tsv"]
-    test = [p for p in qrels_files if p.stem == "test"]
-    qrels_path = (test or qrels_files)[0]
-    frame = read_table(qrels_path)
-    require_columns(frame, ["query-id", "corpus-id", "score"], qrels_path)
-    qrels = {}
-    for qid, did, score in zip(frame["query-id"].astype(str), frame["corpus-id"].astype(str), frame["score"]):
-        try:
-            grade = int(float(score))
-        except ValueError as exc:
-            raise KitError(f"{qrels_path}: score '{score}' for query '{qid}' is not a number") from exc
-        if grade > 0:
-            qrels.setdefault(qid, {})[did] = grade
+    qrels_path = _qrels_file(root)
+    qrels = _read_qrels(qrels_path)
     # BEIR ships queries of all splits in one file: keep those this qrels file judges.
     queries = {q: t for q, t in queries.items() if q in qrels}
     unknown_q = next((q for q in qrels if q not in queries), None)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
+import warnings
 
 
 class KitError(Exception):
@@ -22,13 +24,69 @@ class UsageError(KitError):
         super().__init__(message, exit_code=2)
 
 
+# Third-party messages a user of the kit cannot act on, each matched by its logger and its text, so that anything
+# else these libraries say still gets through. `--debug` shows them all.
+NOISY_LOG_MESSAGES = {
+    # an optional faster 4-bit CPU kernel, fetched from the model hub; the kit runs without it
+    "bitsandbytes.backends.cpu.ops": re.compile(r"Failed to load CPU gemm_4bit_forward"),
+    # the kit passes device_map for 4-bit loading on purpose
+    "sentence_transformers.base.model": re.compile(r"Ignoring `device=\S+` because `model_kwargs\['device_map'\]`"),
+    # the Trainer copies the tokenizer's special token ids into the encoder's config: nothing to do
+    "transformers.trainer_utils": re.compile(r"The tokenizer has new PAD/BOS/EOS tokens"),
+}
+NOISY_WARNINGS = [  # (message regex, category): transformers 5 renamed these; peft and sentence-transformers call them
+    (r"`(gradient_checkpointing_enable|is_gradient_checkpointing)` is deprecated", FutureWarning),
+]
+QUIET_LOGGERS = {"faiss.loader": logging.WARNING}  # which build of faiss loaded, at INFO
+
+
+class _DropNoise(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if record.name == "transformers.modeling_utils" and "LOAD REPORT" in message:
+            return not only_missing_pooler(message)
+        pattern = NOISY_LOG_MESSAGES.get(record.name)
+        return not (pattern and pattern.search(message))
+
+
+_DROP_NOISE = _DropNoise()
+
+
+def only_missing_pooler(report: str) -> bool:
+    """True for transformers' LOAD REPORT when its only finding is a freshly initialised pooler, which mean
+    pooling never uses."""
+    rows = [re.sub(r"\x1b\[[0-9;]*m", "", line).split("|") for line in report.splitlines()[1:]]
+    rows = [[cell.strip() for cell in row] for row in rows if len(row) >= 2 and row[0].strip() != "Key"]
+    return bool(rows) and all(key.startswith("pooler.") and status == "MISSING" for key, status, *_ in rows)
+
+
+def quiet_third_party() -> None:
+    """Drop the messages above (idempotent). Called before the libraries are imported too (src/__init__.py),
+    since bitsandbytes speaks while being imported."""
+    for name in [*NOISY_LOG_MESSAGES, "transformers.modeling_utils"]:
+        logger = logging.getLogger(name)
+        if _DROP_NOISE not in logger.filters:
+            logger.addFilter(_DROP_NOISE)
+    for name, level in QUIET_LOGGERS.items():
+        logging.getLogger(name).setLevel(level)
+    for message, category in NOISY_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category)
+
+
+def debug_requested(argv: list[str]) -> bool:
+    return "--debug" in argv or os.environ.get("E5KIT_DEBUG") == "1"
+
+
 def run_cli(main, argv=None) -> None:
-    """Run a module's `main`, turning KitError into `error: ...` + exit code (traceback only with --debug)."""
+    """Run a module's `main`, turning KitError into `error: ...` + exit code (traceback and every third-party
+    message only with --debug)."""
     argv = sys.argv[1:] if argv is None else argv
-    debug = "--debug" in argv or os.environ.get("E5KIT_DEBUG") == "1"
+    debug = debug_requested(argv)
     argv = [a for a in argv if a != "--debug"]
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
+    if not debug:
+        quiet_third_party()
     try:
         main(argv)
     except KitError as exc:

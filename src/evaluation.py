@@ -14,14 +14,13 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from src.config import EvalConfig, help_field
+from src.config import EvalConfig, EvaluationArguments, parse_groups
 from src.create_dataset import RetrievalData, load_retrieval_data
-from src.errors import KitError, UsageError, run_cli
+from src.errors import KitError, run_cli
 
 logger = logging.getLogger(__name__)
 
@@ -178,6 +177,11 @@ def _fmt(x: float) -> str:
     return f"{100 * x:.2f}"
 
 
+def format_p(p: float, equals: str = "") -> str:
+    """`< 0.001` below 0.001 (3 decimals would print 0.000), else 3 decimals after `equals` ('= ' in a sentence)."""
+    return "< 0.001" if p < 0.001 else f"{equals}{p:.3f}"
+
+
 def write_reports(results: dict[str, dict], comparison: dict | None, data: RetrievalData, settings: dict,
                   folder: Path) -> dict:
     folder.mkdir(parents=True, exist_ok=True)
@@ -206,7 +210,7 @@ def markdown_report(summary: dict) -> str:
         row = f"| {m} | " + " | ".join(_fmt(models[n]["metrics"][m]) for n in names) + " |"
         if "comparison" in summary:
             c = summary["comparison"]["metrics"][m]
-            row += f" {100 * c['difference']:+.2f} [{100 * c['ci95'][0]:+.2f}, {100 * c['ci95'][1]:+.2f}] | {c['p_value']:.3f} |"
+            row += f" {100 * c['difference']:+.2f} [{100 * c['ci95'][0]:+.2f}, {100 * c['ci95'][1]:+.2f}] | {format_p(c['p_value'])} |"
         lines.append(row)
     lines.append("")
     if "comparison" in summary:
@@ -259,19 +263,23 @@ def plot_metrics(results: dict[str, dict], path: Path) -> None:
 def load_model(name_or_path: str, device: str = "cpu"):
     from sentence_transformers import SentenceTransformer
 
-    from src.provision import resolve_model
+    from src.provision import e5_document_prompt, resolve_model
 
     path = resolve_model(name_or_path)
     try:
-        return SentenceTransformer(str(path), device=device)
+        return e5_document_prompt(SentenceTransformer(str(path), device=device))
     except (OSError, ValueError) as exc:
         raise KitError(f"model {path}: cannot load as a sentence-transformers model "
                        f"({str(exc).splitlines()[0][:200]})") from exc
 
 
-def run_evaluation(models: dict[str, str], cfg: EvalConfig, folder: Path, seed: int = 0) -> dict:
-    """Evaluate named models (first = candidate, second = baseline) and write the reports into `folder`."""
-    data = load_retrieval_data(cfg.eval_data, cfg.query_column, cfg.document_column)
+def run_evaluation(models: dict[str, str], cfg: EvalConfig, folder: Path, seed: int = EvaluationArguments.seed,
+                   data: RetrievalData | None = None, report_paths: dict[str, str] | None = None) -> dict:
+    """Evaluate named models (first = candidate, second = baseline) and write the reports into `folder`. `data`:
+    already loaded evaluation data (else read from cfg.eval_data); `report_paths`: how the report names the
+    models, where they will not stay where they are evaluated."""
+    if data is None:
+        data = load_retrieval_data(cfg.eval_data, cfg.query_column, cfg.document_column)
     data = data.subset(cfg.max_eval_queries, seed)
     logger.info("evaluating on %s: %d queries, %d documents", data.source, len(data.queries), len(data.corpus))
     results = {}
@@ -284,45 +292,34 @@ def run_evaluation(models: dict[str, str], cfg: EvalConfig, folder: Path, seed: 
     names = list(results)
     comparison = (compare(results[names[0]]["per_query"], results[names[1]]["per_query"], cfg.bootstrap_samples, seed)
                   if len(names) == 2 else None)
-    settings = {"index": cfg.index, "batch_size": cfg.eval_batch_size, "models": models}
+    settings = {"index": cfg.index, "batch_size": cfg.eval_batch_size, "models": report_paths or models}
     summary = write_reports(results, comparison, data, settings, folder)
     for name in names:
         logger.info("%s: %s", name, ", ".join(f"{m} {100 * v:.2f}" for m, v in results[name]["metrics"].items()))
     if comparison:
         v, c = summary["comparison"]["verdict"], comparison[MAIN_METRIC]
         message = (f"{names[0]} vs {names[1]}: {MAIN_METRIC} {100 * c['difference']:+.2f} points "
-                   f"[{100 * c['ci95'][0]:+.2f}, {100 * c['ci95'][1]:+.2f}], p={c['p_value']:.3f}: {v}")
+                   f"[{100 * c['ci95'][0]:+.2f}, {100 * c['ci95'][1]:+.2f}], p {format_p(c['p_value'], '= ')}: {v}")
         (logger.info if v == "better" else logger.warning)(
             message + ("" if v == "better" else " -- the adapted model is NOT better than the base"))
     return summary
 
 
-def evaluate_run(cfg, folder: Path) -> dict:
-    """Called by the trainer: the merged model of this run against the base model."""
-    summary = run_evaluation({"adapted": str(folder / "merged"), "base": cfg.model.model_name_or_path},
-                             cfg.eval, folder / "evaluation", cfg.train.seed)
+def evaluate_run(cfg, folder: Path, data: RetrievalData) -> dict:
+    """Called by the trainer: the merged model of this run, still in its `.partial` folder, against the base
+    model. Seeded as `python -m src.evaluation` is by default, so that rerunning it gives the same intervals."""
+    base = cfg.model.model_name_or_path
+    summary = run_evaluation({"adapted": str(folder / "merged"), "base": base}, cfg.eval, folder / "evaluation",
+                             data=data, report_paths={"adapted": str(Path(cfg.output.output_dir) / "merged"),
+                                                      "base": base})
     comp = summary["comparison"]
     return {"verdict": comp["verdict"], MAIN_METRIC: comp["metrics"][MAIN_METRIC],
             "adapted": summary["models"]["adapted"]["metrics"], "base": summary["models"]["base"]["metrics"]}
 
 
-@dataclass
-class EvaluationArguments:
-    model: str = help_field("Model to evaluate (folder or hub name; an adapter/ folder works too).", default="")
-    baseline: str = help_field("Optional model to compare against (e.g. the base model).", default="")
-    output_dir: str = help_field("Where to write metrics.json, report.md and metrics.png.", default="evaluation")
-    overwrite: bool = help_field("Replace reports already in output_dir.", default=False)
-    seed: int = help_field("Seed for query sampling and the bootstrap.", default=0)
-
-
 def main(argv=None) -> None:
-    from transformers import HfArgumentParser
-
-    args, cfg = HfArgumentParser([EvaluationArguments, EvalConfig]).parse_args_into_dataclasses(
-        argv, look_for_args_file=False)
-    if not args.model:
-        raise UsageError("option --model is required")
-    cfg.validate()
+    settings = parse_groups({"evaluation": EvaluationArguments, "eval": EvalConfig}, argv)
+    args, cfg = settings["evaluation"], settings["eval"]
     folder = Path(args.output_dir)
     if (folder / "metrics.json").exists() and not args.overwrite:
         raise KitError(f"{folder} already holds a report; pass --overwrite or choose another --output_dir")

@@ -18,11 +18,12 @@ import re
 from pathlib import Path
 
 import torch
-from sentence_transformers import SentenceTransformer, models
+from sentence_transformers import SentenceTransformer
+from sentence_transformers.sentence_transformer.modules import Transformer
 
 from src.config import ModelConfig, parse_config
 from src.errors import KitError, run_cli
-from src.provision import E5_PROMPTS, resolve_model
+from src.provision import E5_PROMPTS, e5_document_prompt, mean_pooled, resolve_model
 
 logger = logging.getLogger(__name__)
 
@@ -96,15 +97,12 @@ def load_sentence_transformer(cfg: ModelConfig, device: str = "cpu", quantize: b
         if (path / "modules.json").exists():
             model = SentenceTransformer(str(path), **kwargs)
         else:  # plain HF encoder: mean pooling + normalization, as e5 uses
-            transformer = models.Transformer(str(path), model_args=model_kwargs,
-                                             config_args={"trust_remote_code": cfg.trust_remote_code})
-            pooling = models.Pooling(transformer.get_word_embedding_dimension(), pooling_mode="mean")
-            prompts = E5_PROMPTS if "e5" in path.name.lower() else None
-            model = SentenceTransformer(modules=[transformer, pooling, models.Normalize()], prompts=prompts,
-                                        device=device)
+            transformer = Transformer(str(path), model_kwargs=model_kwargs,
+                                      config_kwargs={"trust_remote_code": cfg.trust_remote_code})
+            model = mean_pooled(transformer, E5_PROMPTS if "e5" in path.name.lower() else None, device)
     except (OSError, ValueError) as exc:
         raise KitError(f"model {path}: cannot load ({str(exc).splitlines()[0][:200]})") from exc
-    return model
+    return e5_document_prompt(model)  # the trainer's adapter/ and merged/ are saved from models loaded here
 
 
 def keep_trainable_4bit_layout(hf_model: torch.nn.Module) -> None:

@@ -124,7 +124,8 @@ def build_tsdae(cfg: Config, model, data: TrainingData, prompts: dict) -> Built:
     # fixed noise on the development texts: comparable losses from one evaluation to the next
     dev = noisy_dataset(data.dev_texts, WordNoise(cfg.noise, cfg.train.seed + 1)) if data.dev_texts else None
     passage = prompts.get("passage")
-    return Built(noisy_dataset(data.texts, noise), dev, loss, {"noisy": passage} if passage else {}, loss.decoder, noise)
+    prompts = {"noisy": passage} if passage else {}
+    return Built(noisy_dataset(data.texts, noise), dev, loss, prompts, loss.decoder, noise)
 
 
 def build_simcse(cfg: Config, model, data: TrainingData, prompts: dict) -> Built:
@@ -143,7 +144,8 @@ def build_mnrl(cfg: Config, model, data: TrainingData, prompts: dict) -> Built:
 def document_part(kind: str) -> Callable:
     def build(cfg: Config, model, data: TrainingData, prompts: dict) -> Built:
         pairs = DocumentPairs(kind, cfg.train.seed)
-        dev = document_pairs_dataset(data.dev_texts, DocumentPairs(kind, cfg.train.seed + 1)) if data.dev_texts else None
+        dev_pairs = DocumentPairs(kind, cfg.train.seed + 1)
+        dev = document_pairs_dataset(data.dev_texts, dev_pairs) if data.dev_texts else None
         return Built(document_pairs_dataset(data.texts, pairs), dev, contrastive_loss(cfg, model),
                      query_passage_prompts(prompts), epoch_aware=pairs)
 
@@ -193,8 +195,8 @@ def resolve_objective(objective: str, columns, pair_columns: list[str], text_col
     has_pairs = len(pair_columns) == 2 and all(c in columns for c in pair_columns)
     if objective == "auto":
         chosen = "mnrl" if has_pairs else DOCUMENTS_DEFAULT
-        reason = (f"it has the pair columns {','.join(pair_columns)}" if has_pairs else
-                  f"it has no pair columns ({','.join(pair_columns) or '--pair_columns is empty'}): documents alone")
+        reason = (f"has the pair columns {','.join(pair_columns)}" if has_pairs else
+                  f"has no pair columns ({','.join(pair_columns) or '--pair_columns is empty'}): documents alone")
         logger.info("objective auto -> %s: %s %s", chosen, path, reason)
         return chosen
     missing = [c for c in pair_columns if c not in columns] if needs_pairs(objective) else []
@@ -268,6 +270,6 @@ def dev_evaluator(model: SentenceTransformer, data: TrainingData, cfg: Config):
     logger.info("model selection: %d development queries among %d documents", len(dev.queries), len(corpus))
     prompts = model.prompts or {}
     return InformationRetrievalEvaluator(
-        dev.queries, corpus, {q: set(d) for q, d in dev.qrels.items()}, name="dev", batch_size=cfg.eval.eval_batch_size,
-        query_prompt=prompts.get("query"), corpus_prompt=prompts.get("passage"), ndcg_at_k=[10],
+        dev.queries, corpus, {q: set(d) for q, d in dev.qrels.items()}, name="dev",
+        batch_size=cfg.eval.eval_batch_size, query_prompt=prompts.get("query"), corpus_prompt=prompts.get("passage"), ndcg_at_k=[10],
         mrr_at_k=[10], accuracy_at_k=[1], precision_recall_at_k=[10], map_at_k=[100])

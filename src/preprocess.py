@@ -19,7 +19,7 @@ import unicodedata
 
 import pandas as pd
 
-from src.config import PreprocessConfig, check_option
+from src.config import PreprocessConfig, check_option, parse_groups
 from src.errors import KitError, run_cli
 from src.tables import read_table, require_columns, write_table
 
@@ -104,10 +104,7 @@ def records_to_texts(frame: pd.DataFrame, cfg: PreprocessConfig, source="input")
 
 
 def main(argv=None) -> None:
-    from transformers import HfArgumentParser
-
-    (cfg,) = HfArgumentParser(PreprocessConfig).parse_args_into_dataclasses(argv, look_for_args_file=False)
-    cfg.validate()
+    cfg = parse_groups({"preprocess": PreprocessConfig}, argv)["preprocess"]
     frame = read_table(cfg.input_file)
     texts, counts = records_to_texts(frame, cfg, source=cfg.input_file)
     logger.info("records %(records)d: dropped %(dropped_empty)d empty, %(dropped_too_short)d too short, "

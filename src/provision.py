@@ -13,7 +13,6 @@ Usage: ``python -m src.provision intfloat/multilingual-e5-small`` prints the fol
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import shutil
@@ -29,7 +28,29 @@ logger = logging.getLogger(__name__)
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 CHARSMAP_PATH = DATA_DIR / "xlmr.charsmap"  # XLM-R's compiled normalization map (see data/README.md)
-E5_PROMPTS = {"query": "query: ", "passage": "passage: "}
+# `document` too: sentence-transformers' encode_document() looks for it before `passage` (see e5_document_prompt).
+E5_PROMPTS = {"query": "query: ", "document": "passage: ", "passage": "passage: "}
+
+
+def e5_document_prompt(model):
+    """sentence-transformers gives every model an empty `document` prompt unless its folder names one, and its
+    encode_document() uses `document` before `passage`: an e5-style model (one with a `passage` prompt) would
+    encode documents without `passage: `. Make `document` the passage prompt; saving the model keeps it."""
+    prompts = model.prompts
+    if prompts.get("passage") and not prompts.get("document"):
+        prompts["document"] = prompts["passage"]
+    return model
+
+
+def mean_pooled(transformer, prompts: dict | None, device: str = "cpu"):
+    """A plain encoder as e5 uses it: mean pooling + L2 normalization."""
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import Normalize, Pooling
+
+    # get_word_embedding_dimension is the name before sentence-transformers 6 (which warns when it is used)
+    dimension = getattr(transformer, "get_embedding_dimension", None) or transformer.get_word_embedding_dimension
+    pooling = Pooling(dimension(), pooling_mode="mean")
+    return SentenceTransformer(modules=[transformer, pooling, Normalize()], prompts=prompts, device=device)
 
 
 def cache_root() -> Path:
@@ -101,7 +122,7 @@ def _bert_state_dict(tensors: dict, cfg: dict) -> dict:
 
     def t(name, shape=None):
         arr = np.asarray(tensors[name], dtype=np.float32)
-        return torch.from_numpy(arr.reshape(shape) if shape else arr.copy())
+        return torch.from_numpy((arr.reshape(shape) if shape else arr).copy())  # np.frombuffer's are read-only
 
     h, f = cfg["hidden"], cfg["ffn"]
     sd = {
@@ -147,12 +168,9 @@ def build_xlmr_tokenizer(pieces: list[tuple[str, float]], charsmap: bytes):
 
 
 def _save_sentence_transformer(hf_dir: Path, out_dir: Path, prompts: dict | None) -> None:
-    from sentence_transformers import SentenceTransformer, models
+    from sentence_transformers.sentence_transformer.modules import Transformer
 
-    transformer = models.Transformer(str(hf_dir), max_seq_length=512)
-    pooling = models.Pooling(transformer.get_word_embedding_dimension(), pooling_mode="mean")
-    model = SentenceTransformer(modules=[transformer, pooling, models.Normalize()], prompts=prompts, device="cpu")
-    model.save(str(out_dir))
+    mean_pooled(Transformer(str(hf_dir), max_seq_length=512), prompts).save(str(out_dir))
 
 
 def build_e5_small(out_dir: Path) -> None:
@@ -255,7 +273,9 @@ def resolve_model(name_or_path: str) -> Path:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    from src.config import KitParser  # one-line errors, as every command of the kit gives
+
+    parser = KitParser(description=__doc__.split("\n")[0])
     parser.add_argument("model", nargs="?", default="intfloat/multilingual-e5-small",
                         help="hub name or local path (default: %(default)s)")
     args = parser.parse_args(argv)

@@ -43,8 +43,9 @@ def _read_json(path: Path) -> pd.DataFrame:
         raise KitError(f"{path}: expected a list of objects or a mapping of columns") from exc
 
 
-def read_table(path: str | os.PathLike, text_column: str = "text") -> pd.DataFrame:
-    """Read a record file into a DataFrame; .txt gives one `text_column` row per non-empty line."""
+def read_table(path: str | os.PathLike, text_column: str = "text", header: bool = True) -> pd.DataFrame:
+    """Read a record file into a DataFrame; .txt gives one `text_column` row per non-empty line. `header=False`:
+    a CSV/TSV's first line is data too (columns 0, 1, ...)."""
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix not in READ_FORMATS:
@@ -58,7 +59,7 @@ def read_table(path: str | os.PathLike, text_column: str = "text") -> pd.DataFra
             frame = pd.read_parquet(path)
         elif suffix in (".csv", ".tsv"):
             frame = pd.read_csv(path, sep="\t" if suffix == ".tsv" else ",", encoding="utf-8", dtype=str,
-                                keep_default_na=False)
+                                keep_default_na=False, header=0 if header else None)
         elif suffix == ".jsonl":
             frame = _read_jsonl(path)
         elif suffix == ".json":

@@ -33,7 +33,7 @@ from sentence_transformers.sentence_transformer.training_args import SentenceTra
 from transformers import TrainerCallback, set_seed
 
 from src.config import Config, parse_config
-from src.create_dataset import TrainingData, file_columns, load_training_data
+from src.create_dataset import TrainingData, file_columns, load_retrieval_data, load_training_data
 from src.errors import KitError, UsageError, run_cli
 from src.model_builder import bf16_enabled, build_model, load_sentence_transformer, pick_device
 from src.objectives import (build_objective, dev_evaluator, needs_pairs, needs_texts, parts, resolve_objective,
@@ -386,6 +386,9 @@ def train(cfg: Config) -> Path:
                               needs_pairs(cfg.train.objective))  # bad data fails before any folder exists
     logger.info("objective %s: %d training texts, %d training pairs; development: %d texts, %d pairs",
                 cfg.train.objective, len(data.texts), len(data.pairs), len(data.dev_texts), len(data.dev_pairs))
+    # Bad evaluation data fails now too, not after the training it was to judge.
+    eval_data = (load_retrieval_data(cfg.eval.eval_data, cfg.eval.query_column, cfg.eval.document_column)
+                 if cfg.eval.eval_data else None)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and len(parts(cfg.train.objective)) > 1:
         # DDP would have to find the decoder's unused parameters on mnrl batches, and its unused-parameter search
         # cannot handle TSDAE's second pass through the same (shared) layers.
@@ -430,10 +433,10 @@ def train(cfg: Config) -> Path:
     if selected is not None and selected["step"] == 0:
         logger.warning("no training step beat the base model on the development pairs: the saved model is the "
                        "base model unchanged")
-    if cfg.eval.eval_data:
+    if eval_data is not None:
         from src.evaluation import evaluate_run
 
-        summary["evaluation"] = evaluate_run(cfg, folder)
+        summary["evaluation"] = evaluate_run(cfg, folder, eval_data)
     summary["total_seconds"] = round(time.time() - started, 1)
     (folder / "run.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     finalize_run_folder(folder, Path(cfg.output.output_dir))

@@ -1,13 +1,16 @@
 """Settings resolution and the one-line errors every CLI gives."""
 
+import dataclasses
+import logging
 import subprocess
 import sys
+import time
 
 import pytest
 
-from conftest import ROOT
-from src.config import parse_config
-from src.errors import UsageError
+from conftest import ROOT, RU_TRAIN
+from src.config import GROUPS, Config, EvalConfig, EvaluationArguments, PreprocessConfig, parse_config, parse_groups
+from src.errors import UsageError, quiet_third_party
 
 
 def test_defaults_file_and_cli_precedence(tmp_path):
@@ -70,3 +73,102 @@ def test_trainer_refuses_to_overwrite_a_finished_run(tmp_path):
     (tmp_path / "done").mkdir()
     result = run("src.trainer", "--output_dir", str(tmp_path / "done"))
     assert result.returncode == 1 and "already exists; pass --overwrite" in result.stderr
+
+
+HELP_GROUPS = {"src.config": GROUPS, "src.create_dataset": GROUPS, "src.model_builder": GROUPS, "src.trainer": GROUPS,
+               "src.preprocess": {"preprocess": PreprocessConfig},
+               "src.evaluation": {"evaluation": EvaluationArguments, "eval": EvalConfig}, "src.provision": {}}
+
+
+@pytest.mark.parametrize("module", HELP_GROUPS)
+def test_every_command_explains_every_option(module):
+    result = run(module, "--help")
+    assert result.returncode == 0, result.stderr[-2000:]  # a bare % in a help text crashes argparse
+    options = [f"--{f.name}" for cls in HELP_GROUPS[module].values() for f in dataclasses.fields(cls)]
+    options += ["--config"] if HELP_GROUPS[module] else ["model"]
+    assert [o for o in options if o not in result.stdout] == []
+
+
+@pytest.mark.parametrize("module", ["src.preprocess", "src.evaluation", "src.trainer"])
+def test_unknown_option_is_one_line_exit_2(module):
+    result = run(module, "--no_such_option", "1")
+    assert result.returncode == 2
+    assert result.stderr.strip() == "error: unrecognized arguments: --no_such_option 1"
+
+
+def test_a_config_file_serves_every_command(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("evaluation:\n  model: m\n  seed: 3\neval:\n  eval_data: pairs.jsonl\nprecision: none\n"
+                    "train:\n  learning_rate: 0.001\n")
+    settings = parse_groups({"evaluation": EvaluationArguments, "eval": EvalConfig}, ["--config", str(path)])
+    assert (settings["evaluation"].model, settings["evaluation"].seed, settings["eval"].eval_data) == ("m", 3, "pairs.jsonl")
+    assert parse_config(["--config", str(path)]).train.learning_rate == 0.001  # the trainer takes its own part
+    run_config_json = tmp_path / "config.json"  # a finished run's settings, for src.evaluation
+    Config(eval=EvalConfig(eval_data="held-out.csv")).save(run_config_json)
+    settings = parse_groups({"evaluation": EvaluationArguments, "eval": EvalConfig},
+                            ["--config", str(run_config_json), "--model", "runs/x/merged"])
+    assert settings["eval"].eval_data == "held-out.csv" and settings["evaluation"].output_dir == "evaluation"
+    with pytest.raises(UsageError, match="option --model: is required"):
+        parse_groups({"evaluation": EvaluationArguments, "eval": EvalConfig}, ["--config", str(run_config_json)])
+
+
+def _bad_eval_data(tmp_path, kind):
+    if kind == "missing":
+        return tmp_path / "no-such-pairs.jsonl", "no-such-pairs.jsonl: file does not exist"
+    if kind == "pairs without document":
+        (tmp_path / "pairs.jsonl").write_text('{"query": "a", "text": "b"}\n')
+        return tmp_path / "pairs.jsonl", "missing column 'document'"
+    beir = tmp_path / "beir"
+    (beir / "qrels").mkdir(parents=True)
+    (beir / "corpus.jsonl").write_text('{"_id": "d1", "body": "one"}\n')
+    (beir / "queries.jsonl").write_text('{"_id": "q1", "text": "first"}\n')
+    (beir / "qrels" / "test.tsv").write_text("q1\td1\t1\n")
+    return beir, "corpus.jsonl: missing column 'text'"
+
+
+@pytest.mark.parametrize("kind", ["missing", "pairs without document", "beir without text"])
+def test_bad_eval_data_fails_before_any_model_or_folder(tmp_path, kind):
+    eval_data, message = _bad_eval_data(tmp_path, kind)
+    before = set(tmp_path.iterdir())
+    started = time.monotonic()
+    # the model does not exist either: an error about it would mean the model came first
+    result = run("src.trainer", "--eval_data", str(eval_data), "--output_dir", str(tmp_path / "run"),
+                 "--model_name_or_path", str(tmp_path / "no-model"), "--max_train_texts", "50")
+    assert result.returncode == 1 and message in result.stderr.strip().splitlines()[-1]
+    assert "Traceback" not in result.stderr and time.monotonic() - started < 60
+    assert set(tmp_path.iterdir()) == before  # no run folder, no .partial folder
+
+
+THIRD_PARTY_NOISE = ["gemm_4bit_forward", "pip install kernels", "FutureWarning", "is deprecated", "takes priority",
+                     "PAD/BOS/EOS", "LOAD REPORT", "MISSING", "not writable", "has been renamed", "faiss.loader"]
+
+
+def test_a_run_prints_only_what_a_user_can_act_on(tmp_path, tiny_xlmr):
+    result = run("src.trainer", "--model_name_or_path", str(tiny_xlmr), "--train_file", str(RU_TRAIN),
+                 "--max_train_texts", "48", "--max_steps", "2", "--batch_size", "4", "--max_seq_length", "32",
+                 "--eval_data", "", "--objective", "tsdae", "--output_dir", str(tmp_path / "run"))
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-3000:]
+    assert "run finished" in output and [n for n in THIRD_PARTY_NOISE if n in output] == []
+
+
+@pytest.mark.parametrize("logger,message", [
+    ("bitsandbytes.backends.cpu.ops", "Failed to load CPU gemm_4bit_forward from kernels-community: no module. "
+                                      "Please make sure you already `pip install kernels`"),
+    ("sentence_transformers.base.model", "Ignoring `device=cpu` because `model_kwargs['device_map']` takes priority."),
+    ("transformers.trainer_utils", "The tokenizer has new PAD/BOS/EOS tokens that differ from the model config"),
+    ("transformers.modeling_utils", "\x1b[1mBertModel LOAD REPORT\x1b[0m from: x\nKey | Status |\n"
+                                    "----+----\npooler.dense.weight | MISSING | \npooler.dense.bias | MISSING | \n"),
+])
+def test_third_party_noise_is_dropped_and_the_rest_kept(logger, message):
+    quiet_third_party()
+    records, handler = [], logging.Handler()
+    handler.emit = records.append  # on the logger itself: transformers' loggers do not propagate to the root
+    log = logging.getLogger(logger)
+    log.addHandler(handler)
+    try:
+        log.warning(message)
+        log.warning("LOAD REPORT\nencoder.layer.0.weight | MISSING |")  # anything else still gets through
+    finally:
+        log.removeHandler(handler)
+    assert [r.getMessage() for r in records] == ["LOAD REPORT\nencoder.layer.0.weight | MISSING |"]

@@ -5,11 +5,12 @@ import json
 import numpy as np
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, RU_TRAIN
 from src.config import EvalConfig
 from src.create_dataset import RetrievalData, load_beir, load_pairs, load_retrieval_data
 from src.errors import KitError
-from src.evaluation import METRICS, compare, evaluate_model, load_model, query_metrics, score_rankings, verdict
+from src.evaluation import (METRICS, compare, evaluate_model, format_p, load_model, markdown_report, query_metrics,
+                            score_rankings, verdict)
 
 
 def test_hand_worked_single_relevant():
@@ -129,3 +130,97 @@ def test_e5_prompts_are_applied_and_matter(e5_cache, small_ru_data):
     assert with_prompts["metrics"] != without["metrics"]
     approx = evaluate_model(model, small_ru_data, EvalConfig(index="hnsw"))
     assert approx["index_recall@10_vs_exact"] > 0.9
+
+
+def _beir_variant(root, id_key, qrels_at, header):
+    root.mkdir()
+    (root / "corpus.jsonl").write_text(f'{{"{id_key}": "d1", "text": "one"}}\n{{"{id_key}": 2, "text": "two"}}\n')
+    (root / "queries.jsonl").write_text(f'{{"{id_key}": "q1", "text": "first"}}\n{{"{id_key}": "q2", "text": "x"}}\n')
+    lines = ("query-id\tcorpus-id\tscore\n" if header else "") + "q1\td1\t2\nq1\t2\t1\nq2\td1\t0\n"
+    qrels = root / qrels_at
+    qrels.parent.mkdir(exist_ok=True)
+    qrels.write_text(lines)
+    return str(root)
+
+
+@pytest.mark.parametrize("id_key", ["_id", "id"])
+@pytest.mark.parametrize("qrels_at", ["qrels/test.tsv", "qrels/dev.tsv", "qrels.tsv"])
+@pytest.mark.parametrize("header", [True, False])
+def test_beir_variants_load_alike(tmp_path, caplog, id_key, qrels_at, header):
+    with caplog.at_level("INFO", logger="src.create_dataset"):
+        data = load_retrieval_data(_beir_variant(tmp_path / "beir", id_key, qrels_at, header))
+    assert data.qrels == {"q1": {"d1": 2, "2": 1}} and data.corpus == {"d1": "one", "2": "two"}  # no title: text
+    assert list(data.queries) == ["q1"]
+    if qrels_at.startswith("qrels/"):
+        split = qrels_at.split("/")[1].removesuffix(".tsv")
+        assert f"relevance judgements of split '{split}' ({qrels_at})" in caplog.text
+
+
+def test_beir_picks_the_test_split_and_names_the_others(tmp_path, caplog):
+    root = _beir_variant(tmp_path / "beir", "_id", "qrels/test.tsv", True)
+    (tmp_path / "beir" / "qrels" / "train.tsv").write_text("q2\td2\t1\n")
+    with caplog.at_level("INFO", logger="src.create_dataset"):
+        assert list(load_retrieval_data(root).queries) == ["q1"]
+    assert "split 'test' (qrels/test.tsv); also there: train" in caplog.text
+
+
+@pytest.mark.parametrize("qrels,message", [
+    ("q1\td1\n", "expected tab-separated query-id, corpus-id, score; found 2 column"),
+    ("q1\td1\t1\nq1\t2\thigh\n", "score 'high' for query 'q1' is not a number"),
+    ("qid\tdocid\trel\nq1\td1\t1\n", "missing column 'query-id'"),
+])
+def test_beir_bad_qrels_name_the_file(tmp_path, qrels, message):
+    root = _beir_variant(tmp_path / "beir", "_id", "qrels.tsv", False)
+    (tmp_path / "beir" / "qrels.tsv").write_text(qrels)
+    with pytest.raises(KitError, match=message):
+        load_beir(root)
+    (tmp_path / "beir" / "qrels.tsv").unlink()
+    with pytest.raises(KitError, match="no relevance judgements"):
+        load_beir(root)
+
+
+def _summary(p_values):
+    models = {n: {"metrics": {m: 0.5 for m in METRICS}, "max_seq_length": 64, "documents_per_second": 1.0,
+                  "prompts": [None, None], "anisotropy_diagnostic": {"mean": 0.1, "std": 0.1}} for n in ("a", "b")}
+    metrics = {m: {"difference": 0.01, "ci95": [0.0, 0.02], "p_value": p} for m, p in zip(METRICS, p_values)}
+    return {"data": {"source": "s", "queries": 10, "documents": 10, "relevant_per_query": 1.0, "notes": []},
+            "settings": {"index": "flat"}, "models": models,
+            "comparison": {"candidate": "a", "baseline": "b", "metrics": metrics, "verdict": "better"}}
+
+
+def test_p_values_below_a_thousandth_are_not_printed_as_zero():
+    p_values = [0.0004, 0.001, 0.25, 0.0, 1.0, 0.0499, 0.00099]
+    rows = {line.split(" | ")[0].strip("| "): line.rstrip(" |").split(" | ")[-1]
+            for line in markdown_report(_summary(p_values)).splitlines() if line.startswith(("| ndcg", "| mrr",
+                                                                                                "| map", "| recall"))}
+    assert list(rows.values()) == ["< 0.001", "0.001", "0.250", "< 0.001", "1.000", "0.050", "< 0.001"]
+    assert (format_p(0.0004, "= "), format_p(0.03, "= ")) == ("< 0.001", "= 0.030")
+
+
+def _pairs_file(path, n=30):
+    with RU_TRAIN.open(encoding="utf-8") as fh:
+        rows = [json.loads(line) for _, line in zip(range(n), fh)]
+    path.write_text("".join(json.dumps({"query": r["title"], "document": r["description"]}, ensure_ascii=False) + "\n"
+                            for r in rows), encoding="utf-8")
+    return str(path)
+
+
+def test_trainer_and_command_line_evaluations_agree_and_name_the_final_folder(tmp_path, tiny_bert, tiny_xlmr):
+    from src.config import Config, ModelConfig, OutputConfig, TrainConfig
+    from src.evaluation import evaluate_run, main
+
+    cfg = EvalConfig(eval_data=_pairs_file(tmp_path / "pairs.jsonl"), bootstrap_samples=200, eval_batch_size=16)
+    run = Config(model=ModelConfig(model_name_or_path=str(tiny_xlmr)), train=TrainConfig(seed=42), eval=cfg,
+                 output=OutputConfig(output_dir=str(tmp_path / "run")))
+    partial = tmp_path / "run.partial"  # where the trainer evaluates, before the rename
+    partial.mkdir()
+    (partial / "merged").symlink_to(tiny_bert)
+    evaluate_run(run, partial, load_retrieval_data(cfg.eval_data))
+    main(["--model", str(tiny_bert), "--baseline", str(tiny_xlmr), "--eval_data", cfg.eval_data,
+          "--bootstrap_samples", "200", "--eval_batch_size", "16", "--output_dir", str(tmp_path / "cli")])
+    trainer_side = json.loads((partial / "evaluation" / "metrics.json").read_text())
+    cli_side = json.loads((tmp_path / "cli" / "metrics.json").read_text())
+    intervals = [[s["comparison"]["metrics"][m]["ci95"] for m in METRICS] for s in (trainer_side, cli_side)]
+    assert intervals[0] == intervals[1] and intervals[0][0][0] < intervals[0][0][1]
+    assert trainer_side["settings"]["models"] == {"adapted": str(tmp_path / "run" / "merged"), "base": str(tiny_xlmr)}
+    assert ".partial" not in (partial / "evaluation" / "report.md").read_text()

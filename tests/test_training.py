@@ -157,3 +157,21 @@ def test_torchrun_two_cpu_processes_write_one_model(tmp_path, tiny_bert):
     assert (out / "merged" / "model.safetensors").is_file() and (out / "adapter").is_dir()
     assert not (tmp_path / "ddp.partial").exists()
     assert json.loads((out / "run.json").read_text())["steps"] == 4
+
+
+def test_saved_e5_models_encode_documents_with_the_passage_prompt(tmp_path, tiny_xlmr):
+    from sentence_transformers import SentenceTransformer
+
+    from src.config import Config
+    from src.trainer import save_models
+
+    cfg = Config(model=ModelConfig(model_name_or_path=str(tiny_xlmr), precision="none"))
+    save_models(build_model(cfg.model), cfg, tmp_path)  # as the trainer saves: adapter/ and merged/
+    texts = read_texts(RU_TRAIN, 3)
+    for folder in ("adapter", "merged"):
+        model = SentenceTransformer(str(tmp_path / folder), device="cpu")  # sentence-transformers alone, no kit
+        assert model.prompts["document"] == "passage: "
+        assert torch.allclose(torch.tensor(model.encode_document(texts)),
+                              torch.tensor(model.encode(texts, prompt="passage: ")))
+        assert torch.allclose(torch.tensor(model.encode_query(texts)), torch.tensor(model.encode(texts, prompt="query: ")))
+        assert not torch.allclose(torch.tensor(model.encode_document(texts)), torch.tensor(model.encode(texts)))
