@@ -157,3 +157,22 @@ def test_adapter_scale_zero_is_the_base_model_and_one_is_as_trained(lora_model):
     assert not torch.allclose(seen[1], adapted, atol=1e-3)  # scale 0.5 is in between
     assert torch.allclose(embed(model, texts), embed(base, texts), atol=1e-5)  # the chosen scale stays set
     assert choose_lora_scale(model, evaluator, Best(), []) == 1.0
+
+
+# ---- the documents-only default, end to end on a tiny model ----------------------------------------------
+
+
+def test_auto_on_documents_trains_lead_with_selection_scale_search_and_the_anchor(tmp_path, tiny_xlmr, documents_file):
+    from src.config import Config, EvalConfig, OutputConfig, TrainConfig
+    from src.trainer import train
+
+    cfg = Config(data=DataConfig(train_file=str(documents_file), validation_fraction=0.1),
+                 model=ModelConfig(model_name_or_path=str(tiny_xlmr), max_seq_length=48),
+                 train=TrainConfig(batch_size=8, learning_rate=1e-3, max_steps=4, eval_steps=2, save_steps=50,
+                                   dev_distractors=50, anchor_weight=1.0, lora_scales="0.5"),
+                 eval=EvalConfig(eval_data=""), output=OutputConfig(output_dir=str(tmp_path / "auto")))
+    run = json.loads((train(cfg) / "run.json").read_text())
+    assert (run["objective_requested"], run["objective"]) == ("auto", "lead")
+    assert [step for step, _ in run["dev_ndcg@10_by_step"]] == [0, 2, 4]
+    assert run["lora_scale"] in (0.5, 1.0) if run["selected"]["step"] else run["lora_scale"] == 1.0
+    assert run["peak_memory_gb"] > 0
