@@ -284,7 +284,7 @@ def main() -> None:
                 rows.append({"model": name, "design": design, "error": f"killed by signal {-proc.returncode} "
                                                                       f"(out of memory on this machine?)"})
             elif proc.returncode:
-                lines = [l for l in proc.stderr.splitlines() if "Error" in l] or proc.stderr.splitlines()
+                lines = [ln for ln in proc.stderr.splitlines() if "Error" in ln] or proc.stderr.splitlines()
                 error = (lines or [f"exit code {proc.returncode}"])[-1][:120]
                 rows.append({"model": name, "design": design, "error": error})
             else:

@@ -221,8 +221,8 @@ def markdown_report(summary: dict) -> str:
                   f"**Verdict on {MAIN_METRIC}: {comp['candidate']} and {comp['baseline']} are not distinguishable**",
                   "", "(95% paired bootstrap over queries; two-sided paired randomization test, alpha 0.05.)", ""]
         if v != "better":
-            lines += [f"WARNING: the adapted model is not better than the base model on these held-out pairs. "
-                      f"Keep using the base model, or change the recipe.", ""]
+            lines += ["WARNING: the adapted model is not better than the base model on these held-out pairs. "
+                      "Keep using the base model, or change the recipe.", ""]
     lines += ["| model | max tokens | documents/s (encoding) | prompts (query, document) | random-pair cosine mean ± std* |",
               "|---|---|---|---|---|"]
     for n in names:

