@@ -76,3 +76,14 @@ def tiny_xlmr(tmp_path_factory, e5_cache):
     tokenizer = AutoTokenizer.from_pretrained(str(e5_cache))
     return save_tiny_model(tmp_path_factory.mktemp("tiny-xlmr"), tokenizer, XLMRobertaConfig,
                            prompts={"query": "query: ", "passage": "passage: "})
+
+
+def pytest_collection_modifyitems(items):
+    """`slow`: tests that run the real e5-small end to end or start torchrun (`pytest -m "not slow"` for a quick
+    pass while developing; CI runs everything)."""
+    import inspect
+
+    for item in items:
+        wants = inspect.signature(item.function).parameters if hasattr(item, "function") else {}
+        if "e5_cache" in wants or "torchrun" in item.name:
+            item.add_marker(pytest.mark.slow)
