@@ -73,6 +73,20 @@ def quiet_third_party() -> None:
         warnings.filterwarnings("ignore", message=message, category=category)
 
 
+QUIET_BARS = {"Loading weights", "Writing model shards"}  # transformers' bars for each model loaded or saved
+
+
+def quiet_loading_bars() -> None:
+    """Hide transformers' bar for every model it loads or saves (several per run, each over in a blink, each
+    a line in a log file); the training bar and the encoding bars stay."""
+    from transformers.utils import logging as hf_logging
+
+    def hook(factory, args, kwargs):
+        return factory(*args, **({**kwargs, "disable": True} if kwargs.get("desc") in QUIET_BARS else kwargs))
+
+    hf_logging.set_tqdm_hook(hook)
+
+
 def debug_requested(argv: list[str]) -> bool:
     return "--debug" in argv or os.environ.get("E5KIT_DEBUG") == "1"
 
@@ -87,6 +101,7 @@ def run_cli(main, argv=None) -> None:
                         datefmt="%H:%M:%S")
     if not debug:
         quiet_third_party()
+        quiet_loading_bars()
     try:
         main(argv)
     except KitError as exc:

@@ -193,7 +193,9 @@ def write_reports(results: dict[str, dict], comparison: dict | None, data: Retri
                                  "verdict": verdict(comparison)}
     (folder / "metrics.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     (folder / "report.md").write_text(markdown_report(summary), encoding="utf-8")
-    plot_metrics(results, folder / "metrics.png")
+    d = summary["data"]
+    plot_metrics(results, folder / "metrics.png", comparison,
+                 f"{d['source']}: {d['queries']} queries, {d['documents']} documents")
     return summary
 
 
@@ -235,25 +237,49 @@ def markdown_report(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def plot_metrics(results: dict[str, dict], path: Path) -> None:
+def plot_metrics(results: dict[str, dict], path: Path, comparison: dict | None = None, title: str = "") -> None:
+    """metrics.png: every metric x100 (the report's scale), values on the bars; with two models, a second panel
+    with the difference per metric and its 95% interval (green above zero, red below, grey across it)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 4))
-    width = 0.8 / len(results)
-    x = np.arange(len(METRICS))
-    for i, (name, r) in enumerate(results.items()):
-        ax.bar(x + i * width, [r["metrics"][m] for m in METRICS], width, label=name)
-    ax.set_xticks(x + width * (len(results) - 1) / 2, METRICS)
-    ax.set_ylim(0, 1)
-    ax.set_ylabel("score")
-    ax.legend()
+    fig, axes = plt.subplots(1, 2 if comparison else 1, figsize=(13 if comparison else 8, 4.8), squeeze=False,
+                             gridspec_kw={"width_ratios": [3, 2] if comparison else [1]})
+    ax, names, x = axes[0, 0], list(results), np.arange(len(METRICS))
+    width = 0.8 / len(names)
+    for i, name in enumerate(names):
+        bars = ax.bar(x + i * width, [100 * results[name]["metrics"][m] for m in METRICS], width, label=name)
+        ax.bar_label(bars, fmt="%.1f", fontsize=7, padding=1)
+    ax.set_xticks(x + width * (len(names) - 1) / 2, METRICS, rotation=30)
+    ax.set_ylim(0, 118)  # room for the labels and the legend above the 100 mark
+    ax.set_ylabel("score (x100)")
+    ax.legend(loc="upper left", ncols=len(names))
     ax.grid(axis="y", alpha=0.3)
+    if comparison:
+        _difference_panel(axes[0, 1], comparison, names)
+    fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def _difference_panel(ax, comparison: dict, names: list[str]) -> None:
+    diff = np.array([100 * comparison[m]["difference"] for m in METRICS])
+    low, high = (np.array([100 * comparison[m]["ci95"][j] for m in METRICS]) for j in (0, 1))
+    colors = ["tab:green" if lo > 0 else "tab:red" if hi < 0 else "tab:gray" for lo, hi in zip(low, high)]
+    x = np.arange(len(METRICS))
+    bars = ax.bar(x, diff, 0.6, color=colors, yerr=[diff - low, high - diff], capsize=4)
+    ax.bar_label(bars, fmt="%+.2f", fontsize=7, padding=2)
+    ax.axhline(0, color="k", linewidth=0.8)
+    bottom, top = min(low.min(), 0), max(high.max(), 0)  # zero always shown, room for the labels
+    pad = 0.12 * (top - bottom) + 0.5
+    ax.set_ylim(bottom - pad, top + pad)
+    ax.set_xticks(x, METRICS, rotation=30)
+    ax.set_ylabel("difference (x100 points)")
+    ax.set_title(f"{names[0]} - {names[1]}, 95% CI; {MAIN_METRIC}: {verdict(comparison)}", fontsize=10)
+    ax.grid(axis="y", alpha=0.3)
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ from sentence_transformers import SentenceTransformer
 from sentence_transformers.sentence_transformer.trainer import SentenceTransformerTrainer
 from sentence_transformers.base.sampler import BatchSamplers
 from sentence_transformers.sentence_transformer.training_args import SentenceTransformerTrainingArguments
-from transformers import TrainerCallback, set_seed
+from transformers import ProgressCallback, TrainerCallback, set_seed
 
 from src.config import Config, parse_config
 from src.create_dataset import TrainingData, file_columns, load_retrieval_data, load_training_data
@@ -214,6 +214,13 @@ class StopOnSignalCallback(TrainerCallback):
             control.should_save = control.should_training_stop = True
 
 
+class TrainingBarOnly(ProgressCallback):
+    """The Trainer's training bar without the nested bar it opens for every development-loss pass."""
+
+    def on_prediction_step(self, args, state, control, eval_dataloader=None, **kwargs):
+        pass
+
+
 class KitTrainer(SentenceTransformerTrainer):
     """The sentence-transformers trainer, resuming the kit's trainable state from its own checkpoint file and
     refusing to take an optimizer step on a non-finite loss."""
@@ -290,24 +297,122 @@ def merge_adapter(base: torch.nn.Module, adapter_dir: Path) -> torch.nn.Module:
     return PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
 
 
-def plot_loss(log_history: list[dict], path: Path) -> None:
+def plot_loss(path: Path, log_history: list[dict], objective: str, run_name: str,
+              dev_history: list | None = None, selected_step: int | None = None, lora_scale: float = 1.0) -> None:
+    """loss.png, panels sharing the step axis: training loss; development loss (its own panel: another loss, on
+    other data, logged at other steps); development nDCG@10, the model-selection signal, with step 0 (the base)
+    and the selected step marked. Panels without data are left out (a run without development evaluation)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for key, label in (("loss", "train"), ("eval_loss", "development")):
-        points = [(h["step"], h[key]) for h in log_history if key in h]
-        if points:
-            ax.plot(*zip(*points), marker="o" if key == "eval_loss" else None, label=label)
-    ax.set_xlabel("step")
-    ax.set_ylabel("training loss")
-    ax.legend()
-    ax.grid(alpha=0.3)
+    series = {"training loss": [(h["step"], h["loss"]) for h in log_history if "loss" in h]}
+    dev_keys = sorted({k for h in log_history for k in h if k.startswith("eval_") and k.endswith("loss")})
+    dev_loss = {k: [(h["step"], h[k]) for h in log_history if k in h] for k in dev_keys}  # one per part
+    panels = ["train"] + ["dev"] * bool(dev_loss) + ["ndcg"] * bool(dev_history)
+    fig, axes = plt.subplots(len(panels), 1, figsize=(8, 1.2 + 2.6 * len(panels)), sharex=True, squeeze=False)
+    axes = dict(zip(panels, axes[:, 0]))
+    _line(axes["train"], series["training loss"], "training loss", f"{objective} loss (training batches)", "C0")
+    for i, (key, points) in enumerate(dev_loss.items()):
+        part = key.removeprefix("eval_").removesuffix("loss").rstrip("_")  # eval_loss, or eval_<part>_loss
+        _line(axes["dev"], points, f"development loss{' (' + part + ')' if part else ''}", "development loss",
+              f"C{i + 1}", marker="o")
+    if dev_history:
+        _dev_ndcg_panel(axes["ndcg"], dev_history, selected_step, lora_scale)
+    note = "" if dev_history else "\n(no model selection: the last step is saved)"
+    fig.suptitle(f"{run_name}: objective {objective}{note}")
+    last = axes[panels[-1]]
+    last.set_xlabel("optimizer step")
+    last.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def _line(ax, points: list, label: str, ylabel: str, color: str, marker: str | None = None) -> None:
+    if points:
+        ax.plot(*zip(*points), marker=marker or ("o" if len(points) < 3 else None), color=color, label=label)
+        ax.legend(loc="best")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+
+
+def _dev_ndcg_panel(ax, dev_history: list, selected_step: int | None, lora_scale: float) -> None:
+    """Development nDCG@10 (x100, the report's scale) by step; step 0 is the base model itself."""
+    steps, scores = zip(*[(s, 100 * v) for s, v in dev_history])
+    ax.plot(steps, scores, marker="o", color="C3", label="development nDCG@10")
+    if 0 in steps:
+        ax.annotate("base (step 0)", (0, scores[steps.index(0)]), textcoords="offset points", xytext=(6, 6))
+    if selected_step is not None:
+        scale = f", adapter scale {lora_scale:g}" if lora_scale != 1.0 else ""
+        ax.axvline(selected_step, color="k", linestyle="--", label=f"selected: step {selected_step}{scale}")
+    ax.set_ylabel("development nDCG@10 (x100)")
+    ax.set_xlim(left=-0.5)  # step 0 at the edge would hide its marker
+    ax.margins(y=0.15)  # room for the labels
+    ax.legend(loc="best")
+    ax.grid(alpha=0.3)
+
+
+# --------------------------------------------------------------------------------------------------------
+# What the log says
+
+
+def training_counts(objective: str, texts: int, pairs: int, dev_texts: int, dev_pairs: int) -> str:
+    """What the objective trains on, and the development data that selects the model. Counts of what it does not
+    load are left out: '0 training texts' for a pairs objective would read as 'nothing to train on'."""
+    trained = [f"{texts} training texts"] * needs_texts(objective) + [f"{pairs} training pairs"] * needs_pairs(objective)
+    dev = f"{dev_pairs} held-out pairs" if dev_pairs else f"{dev_texts} held-out texts"
+    return f"{' and '.join(trained)}; development: {dev}"
+
+
+VERDICT_WORDS = {"better": "better than the base model",
+                 "worse": "WORSE than the base model: keep using the base model",
+                 "not distinguishable": "not distinguishable from the base model: no measurable gain"}
+
+
+def summary_lines(summary: dict, final: Path) -> list[str]:
+    """The few lines that end a run, from run.json's summary: what was trained and kept, where it is, whether it
+    helped, what it cost. `final` is the finished run folder (not the .partial one it was built in)."""
+    auto = " (chosen by --objective auto)" if summary.get("objective_requested") == "auto" else ""
+    counts = training_counts(summary["objective"], summary["train_texts"], summary["train_pairs"],
+                             summary["dev_texts"], summary["dev_pairs"]).split(";")[0]
+    lines = [f"objective {summary['objective']}{auto}: {counts}, {summary['steps']} steps",
+             kept_line(summary), saved_line(final)]
+    ev = summary.get("evaluation")
+    if ev:
+        c, base, adapted = ev["ndcg@10"], 100 * ev["base"]["ndcg@10"], 100 * ev["adapted"]["ndcg@10"]
+        low, high = (100 * x for x in c["ci95"])
+        lines.append(f"held-out nDCG@10: base {base:.2f} -> adapted {adapted:.2f}, {100 * c['difference']:+.2f} "
+                     f"[95% CI {low:+.2f}, {high:+.2f}]: {VERDICT_WORDS[ev['verdict']]}")
+    else:
+        lines.append("held-out evaluation: not run (no --eval_data)")
+    memory = "GPU memory" if summary.get("device") == "cuda" else "resident memory"
+    lines.append(f"time {duration(summary['total_seconds'])} in all ({duration(summary['train_seconds'])} training); "
+                 f"peak {memory} {summary['peak_memory_gb']:.2f} GB (before evaluation)")
+    return lines
+
+
+def duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
+
+
+def kept_line(summary: dict) -> str:
+    selected, scale = summary.get("selected"), summary.get("lora_scale", 1.0)
+    if selected is None:
+        return f"kept: the last step ({summary['steps']}), no model selection"
+    if selected["step"] == 0:
+        return f"kept: step 0, the base model unchanged (development nDCG@10 {100 * selected['dev_ndcg@10']:.2f})"
+    base = dict(map(tuple, summary.get("dev_ndcg@10_by_step") or [])).get(0)
+    start = f"{100 * base:.2f} at step 0 -> " if base is not None else ""
+    return (f"kept: step {selected['step']} (development nDCG@10 {start}{100 * selected['dev_ndcg@10']:.2f}), "
+            f"adapter scale {scale:g}")
+
+
+def saved_line(final: Path) -> str:
+    kinds = {"merged": "merged/ (standalone model)", "adapter": "adapter/ (LoRA adapter)"}
+    return f"saved: {final}/ " + ", ".join(v for k, v in kinds.items() if (final / k).is_dir())
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -347,11 +452,16 @@ def build_trainer(cfg: Config, model, data: TrainingData, folder: Path, device: 
     best = BestStateCallback(model, folder) if evaluator is not None else None
     if best is not None:
         callbacks.append(best)
+    # sentence-transformers samples widget examples for a model card at trainer start (its own progress bar; for
+    # TSDAE, noise for 1,000 texts); the kit's model cards need none.
+    model.model_card_data.set_widget_examples = lambda dataset: None
     args = training_arguments(cfg, folder, device, objective.eval_dataset is not None or evaluator is not None,
                               objective.prompts)
     trainer = KitTrainer(model=model, args=args, train_dataset=objective.train_dataset,
                          eval_dataset=objective.eval_dataset, loss=objective.loss, evaluator=evaluator,
                          callbacks=callbacks)
+    trainer.remove_callback(ProgressCallback)  # its nested bar per development-loss pass: one bar is enough
+    trainer.add_callback(TrainingBarOnly())
     return trainer, best
 
 
@@ -384,8 +494,8 @@ def train(cfg: Config) -> Path:
                                             cfg.data.pair_column_names(), cfg.data.text_column, cfg.data.train_file)
     data = load_training_data(cfg.data, cfg.train.seed, needs_texts(cfg.train.objective),
                               needs_pairs(cfg.train.objective))  # bad data fails before any folder exists
-    logger.info("objective %s: %d training texts, %d training pairs; development: %d texts, %d pairs",
-                cfg.train.objective, len(data.texts), len(data.pairs), len(data.dev_texts), len(data.dev_pairs))
+    logger.info("objective %s: %s", cfg.train.objective, training_counts(cfg.train.objective, len(data.texts),
+                len(data.pairs), len(data.dev_texts), len(data.dev_pairs)))
     # Bad evaluation data fails now too, not after the training it was to judge.
     eval_data = (load_retrieval_data(cfg.eval.eval_data, cfg.eval.query_column, cfg.eval.document_column)
                  if cfg.eval.eval_data else None)
@@ -420,7 +530,8 @@ def train(cfg: Config) -> Path:
 
     history = trainer.state.log_history
     (folder / "training_log.json").write_text(json.dumps(history, indent=2) + "\n", encoding="utf-8")
-    plot_loss(history, folder / "loss.png")
+    plot_loss(folder / "loss.png", history, cfg.train.objective, Path(cfg.output.output_dir).name,
+              best.history if best is not None else None, selected["step"] if selected else None, lora_scale)
     save_models(model, cfg, folder)
     summary = {"objective": cfg.train.objective, "objective_requested": requested, "train_texts": len(data.texts), "train_pairs": len(data.pairs),
                "dev_texts": len(data.dev_texts), "dev_pairs": len(data.dev_pairs), "steps": trainer.state.global_step,
@@ -441,6 +552,8 @@ def train(cfg: Config) -> Path:
     (folder / "run.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     finalize_run_folder(folder, Path(cfg.output.output_dir))
     logger.info("run finished: %s", cfg.output.output_dir)
+    for line in summary_lines(summary, Path(cfg.output.output_dir)):
+        logger.info("  %s", line)
     return Path(cfg.output.output_dir)
 
 

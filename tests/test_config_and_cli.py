@@ -2,6 +2,7 @@
 
 import dataclasses
 import logging
+import re
 import subprocess
 import sys
 import time
@@ -140,7 +141,8 @@ def test_bad_eval_data_fails_before_any_model_or_folder(tmp_path, kind):
 
 
 THIRD_PARTY_NOISE = ["gemm_4bit_forward", "pip install kernels", "FutureWarning", "is deprecated", "takes priority",
-                     "PAD/BOS/EOS", "LOAD REPORT", "MISSING", "not writable", "has been renamed", "faiss.loader"]
+                     "PAD/BOS/EOS", "LOAD REPORT", "MISSING", "not writable", "has been renamed", "faiss.loader",
+                     "Loading weights", "Writing model shards", "Computing widget examples"]  # the last three: bars
 
 
 def test_a_run_prints_only_what_a_user_can_act_on(tmp_path, tiny_xlmr):
@@ -150,6 +152,8 @@ def test_a_run_prints_only_what_a_user_can_act_on(tmp_path, tiny_xlmr):
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-3000:]
     assert "run finished" in output and [n for n in THIRD_PARTY_NOISE if n in output] == []
+    assert f"saved: {tmp_path / 'run'}/ merged/" in output and "held-out evaluation: not run" in output  # the summary
+    assert re.search(r"objective tsdae: \d+ training texts; development: \d+ held-out pairs", output)  # no pair count
 
 
 @pytest.mark.parametrize("logger,message", [

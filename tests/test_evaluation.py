@@ -224,3 +224,16 @@ def test_trainer_and_command_line_evaluations_agree_and_name_the_final_folder(tm
     assert intervals[0] == intervals[1] and intervals[0][0][0] < intervals[0][0][1]
     assert trainer_side["settings"]["models"] == {"adapted": str(tmp_path / "run" / "merged"), "base": str(tiny_xlmr)}
     assert ".partial" not in (partial / "evaluation" / "report.md").read_text()
+
+
+@pytest.mark.parametrize("two", [True, False], ids=["compared", "one model"])
+def test_metrics_plot_is_written(tmp_path, two):
+    from src.evaluation import plot_metrics
+
+    rng = np.random.default_rng(0)
+    per_query = {n: {m: rng.random(50) for m in METRICS} for n in ("adapted", "base")[: 1 + two]}
+    results = {n: {"metrics": {m: float(v.mean()) for m, v in pq.items()}} for n, pq in per_query.items()}
+    comparison = compare(per_query["adapted"], per_query["base"], samples=200) if two else None
+    plot_metrics(results, tmp_path / "metrics.png", comparison, "data/ru_catalog/test: 50 queries, 80 documents")
+    data = (tmp_path / "metrics.png").read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000

@@ -175,3 +175,67 @@ def test_saved_e5_models_encode_documents_with_the_passage_prompt(tmp_path, tiny
                               torch.tensor(model.encode(texts, prompt="passage: ")))
         assert torch.allclose(torch.tensor(model.encode_query(texts)), torch.tensor(model.encode(texts, prompt="query: ")))
         assert not torch.allclose(torch.tensor(model.encode_document(texts)), torch.tensor(model.encode(texts)))
+
+
+def assert_png(path, min_bytes=10_000):
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > min_bytes  # a real picture, not an empty canvas
+
+
+LOG_HISTORY = [{"loss": 2.8 - 0.02 * s, "step": s} for s in (1, 10, 20, 30, 40)] + [
+    {"eval_loss": 2.3 - 0.01 * s, "eval_dev_cosine_ndcg@10": 0.4 + 0.001 * s, "step": s} for s in (20, 40)]
+
+
+@pytest.mark.parametrize("dev", [True, False], ids=["with development evaluation", "without"])
+def test_loss_plot_is_written(tmp_path, dev):
+    from src.trainer import plot_loss
+
+    history = LOG_HISTORY if dev else [h for h in LOG_HISTORY if "eval_loss" not in h]
+    dev_history = [[0, 0.40], [20, 0.43], [40, 0.42]] if dev else None
+    plot_loss(tmp_path / "loss.png", history, "mnrl", "e5-small-ru", dev_history, 20 if dev else None, 0.5)
+    assert_png(tmp_path / "loss.png")
+
+
+def run_summary(**changes):
+    summary = {"objective": "mnrl", "objective_requested": "auto", "train_texts": 0, "train_pairs": 2451,
+               "dev_texts": 0, "dev_pairs": 122, "steps": 77, "train_seconds": 389.0, "device": "cpu",
+               "selected": {"step": 70, "dev_ndcg@10": 0.812}, "lora_scale": 0.5,
+               "dev_ndcg@10_by_step": [[0, 0.75], [70, 0.812], [77, 0.81]], "peak_memory_gb": 3.7,
+               "total_seconds": 746.0,
+               "evaluation": {"verdict": "better", "ndcg@10": {"difference": 0.0602, "ci95": [0.042, 0.0789],
+                                                               "p_value": 0.0005},
+                              "adapted": {"ndcg@10": 0.8161}, "base": {"ndcg@10": 0.7559}}}
+    return {**summary, **changes}
+
+
+def test_final_summary_says_what_was_trained_kept_saved_and_measured(tmp_path):
+    from src.trainer import summary_lines
+
+    final = tmp_path / "e5-small-ru"
+    (final / "merged").mkdir(parents=True)
+    (final / "adapter").mkdir()
+    lines = summary_lines(run_summary(), final)
+    assert lines[0] == "objective mnrl (chosen by --objective auto): 2451 training pairs, 77 steps"
+    assert lines[1] == "kept: step 70 (development nDCG@10 75.00 at step 0 -> 81.20), adapter scale 0.5"
+    assert lines[2] == f"saved: {final}/ merged/ (standalone model), adapter/ (LoRA adapter)" and ".partial" not in lines[2]
+    assert lines[3] == ("held-out nDCG@10: base 75.59 -> adapted 81.61, +6.02 [95% CI +4.20, +7.89]: "
+                        "better than the base model")
+    assert lines[4] == "time 12.4 min in all (6.5 min training); peak resident memory 3.70 GB (before evaluation)"
+
+    worse = run_summary(objective="lead", objective_requested="lead", train_texts=340, train_pairs=0, selected=None,
+                        evaluation={**run_summary()["evaluation"], "verdict": "worse"})
+    lines = summary_lines(worse, final)
+    assert lines[0] == "objective lead: 340 training texts, 77 steps"
+    assert lines[1] == "kept: the last step (77), no model selection"
+    assert lines[3].endswith("WORSE than the base model: keep using the base model")
+    base_kept = summary_lines(run_summary(selected={"step": 0, "dev_ndcg@10": 0.75}, evaluation=None), final)
+    assert "the base model unchanged" in base_kept[1] and base_kept[3] == "held-out evaluation: not run (no --eval_data)"
+
+
+def test_log_counts_only_what_the_objective_trains_on():
+    from src.trainer import training_counts
+
+    assert training_counts("mnrl", 0, 150, 0, 39) == "150 training pairs; development: 39 held-out pairs"
+    assert training_counts("lead", 340, 0, 84, 0) == "340 training texts; development: 84 held-out texts"
+    assert training_counts("tsdae+mnrl", 150, 150, 39, 39) == ("150 training texts and 150 training pairs; "
+                                                               "development: 39 held-out pairs")
