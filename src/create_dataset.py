@@ -123,15 +123,11 @@ def clean_pairs(queries, documents, max_chars: int) -> list[tuple[str, str]]:
     return kept
 
 
-def file_columns(path: str, text_column: str = "text") -> list[str]:
-    """The columns of a training file (a .txt file has one: `text_column`)."""
-    return [str(c) for c in read_table(path, text_column).columns]
-
-
-def load_training_data(cfg: DataConfig, seed: int, need_texts: bool = True, need_pairs: bool = False) -> TrainingData:
-    """Read `cfg.train_file` -> TrainingData, split deterministically by seed. Pairs are read when the file has
-    `cfg.pair_columns` (required when `need_pairs`)."""
-    frame = read_table(cfg.train_file, cfg.text_column)
+def load_training_data(cfg: DataConfig, seed: int, need_texts: bool = True, need_pairs: bool = False,
+                       frame: pd.DataFrame | None = None) -> TrainingData:
+    """Read `cfg.train_file` (or take its already read `frame`) -> TrainingData, split deterministically by seed.
+    Pairs are read when the file has `cfg.pair_columns` (required when `need_pairs`)."""
+    frame = read_table(cfg.train_file, cfg.text_column) if frame is None else frame
     pair_columns = cfg.pair_column_names()
     if need_pairs:
         require_columns(frame, pair_columns, cfg.train_file)

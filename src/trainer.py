@@ -33,11 +33,12 @@ from sentence_transformers.sentence_transformer.training_args import SentenceTra
 from transformers import ProgressCallback, TrainerCallback, set_seed
 
 from src.config import Config, parse_config
-from src.create_dataset import TrainingData, file_columns, load_retrieval_data, load_training_data
+from src.create_dataset import TrainingData, load_retrieval_data, load_training_data
 from src.errors import KitError, UsageError, run_cli
 from src.model_builder import bf16_enabled, build_model, load_sentence_transformer, pick_device
 from src.objectives import (build_objective, dev_evaluator, needs_pairs, needs_texts, parts, resolve_objective,
                             uses_in_batch_negatives)
+from src.tables import read_table
 
 logger = logging.getLogger(__name__)
 TRAINABLE_FILE = "trainable_state.safetensors"  # LoRA + decoder weights, beside each checkpoint
@@ -490,10 +491,11 @@ def train(cfg: Config) -> Path:
         torch.set_num_threads(cfg.train.threads)
     device = pick_device(cfg.train.device)
     requested = cfg.train.objective
-    cfg.train.objective = resolve_objective(requested, file_columns(cfg.data.train_file, cfg.data.text_column),
+    frame = read_table(cfg.data.train_file, cfg.data.text_column)  # read once: its columns decide the objective
+    cfg.train.objective = resolve_objective(requested, [str(c) for c in frame.columns],
                                             cfg.data.pair_column_names(), cfg.data.text_column, cfg.data.train_file)
     data = load_training_data(cfg.data, cfg.train.seed, needs_texts(cfg.train.objective),
-                              needs_pairs(cfg.train.objective))  # bad data fails before any folder exists
+                              needs_pairs(cfg.train.objective), frame)  # bad data fails before any folder exists
     logger.info("objective %s: %s", cfg.train.objective, training_counts(cfg.train.objective, len(data.texts),
                 len(data.pairs), len(data.dev_texts), len(data.dev_pairs)))
     # Bad evaluation data fails now too, not after the training it was to judge.
