@@ -27,9 +27,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from src.config import EvalConfig  # noqa: E402
-from src.create_dataset import load_retrieval_data  # noqa: E402
-from src.evaluation import MAIN_METRIC, compare, evaluate_model, load_model, verdict  # noqa: E402
+from src.config import EvalConfig, comma_list  # noqa: E402
+from src.evaluation import evaluate_model, load_model  # noqa: E402
+from src.metrics import MAIN_METRIC, compare, verdict  # noqa: E402
+from src.retrieval_data import load_retrieval_data  # noqa: E402
 
 DEV = ROOT / "data" / "dev"
 TEST_FOLDERS = {"ru_catalog_docs": ROOT / "data" / "ru_catalog" / "test"}  # the rest: data/dev/<name>/test
@@ -51,7 +52,7 @@ RECIPES = {
 
 def collections(names: str) -> list[str]:
     found = sorted(p.parent.name for p in DEV.glob("*/train.jsonl"))
-    wanted = [n.strip() for n in names.split(",") if n.strip()] or found
+    wanted = comma_list(names) or found
     unknown = [n for n in wanted if n not in found]
     if unknown:
         sys.exit(f"error: no collection '{unknown[0]}' in {DEV} (have: {', '.join(found)}); build them with "
@@ -122,7 +123,8 @@ def markdown(rows: list[dict], agreement: tuple) -> str:
     lines = ["| collection | recipe | nDCG@10 | base | difference [95% CI] | verdict | selected step / steps | "
              "adapter scale | train s | peak GB |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['collection']} | {r['recipe']} ({r['objective']}) | {r['ndcg@10']:.2f} | {r['base']:.2f} | "
+        lines.append(f"| {r['collection']} | {r['recipe']} ({r['objective']}) | {r['ndcg@10']:.2f} | "
+                     f"{r['base']:.2f} | "
                      f"{r['difference']:+.2f} [{r['ci95'][0]:+.2f}, {r['ci95'][1]:+.2f}] | {r['verdict']} | "
                      f"{r['selected_step']} / {r['steps']} | {r['lora_scale']} | {r['train_seconds']:.0f} | "
                      f"{r['peak_memory_gb']} |")
@@ -143,7 +145,7 @@ def main() -> None:
     parser.add_argument("--recipes", default=",".join(RECIPES), help=f"comma-separated, of: {', '.join(RECIPES)}")
     parser.add_argument("--output_dir", default="runs/bench-documents")
     args = parser.parse_args()
-    recipes = [r.strip() for r in args.recipes.split(",") if r.strip()]
+    recipes = comma_list(args.recipes)
     unknown = [r for r in recipes if r not in RECIPES]
     if unknown:
         sys.exit(f"error: unknown recipe '{unknown[0]}' (have: {', '.join(RECIPES)})")

@@ -39,6 +39,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from src.config import comma_list  # noqa: E402
+
 DESIGNS = ["old-kit", "st-tied", "kit-full", "kit-lora", "kit-qlora", "kit-qlora-gc"]
 PRECISION = {"old-kit": "nf4", "st-tied": "full", "kit-full": "full", "kit-lora": "none", "kit-qlora": "nf4",
              "kit-qlora-gc": "nf4"}
@@ -79,7 +81,7 @@ def model_path(name: str, workdir: Path) -> str:
 def noisy_batches(model, texts: list[str], seed: int = 0) -> list:
     """(noisy, original) feature pairs, BATCH texts each, with the kit's 60% word deletion."""
     from src.config import NoiseConfig
-    from src.create_dataset import WordNoise
+    from src.noise import WordNoise
 
     noise = WordNoise(NoiseConfig(), seed)
     out = []
@@ -191,9 +193,10 @@ def quality(path: str, designs: list[str], steps: int, lr: float, folder: Path, 
     from tqdm.auto import tqdm
 
     from src.config import Config, EvalConfig, ModelConfig
-    from src.create_dataset import load_retrieval_data
-    from src.evaluation import compare, evaluate_model, load_model
-    from src.trainer import save_models
+    from src.evaluation import evaluate_model, load_model
+    from src.metrics import compare
+    from src.retrieval_data import load_retrieval_data
+    from src.run_folder import save_models
 
     shutil.rmtree(folder, ignore_errors=True)
     texts = list(training_texts())
@@ -229,9 +232,11 @@ def table(rows: list[dict]) -> str:
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['model']} | {r['design']} | {precision_of(r['design'])} | - | - | - | - | failed: {r['error']} |")
+            lines.append(f"| {r['model']} | {r['design']} | {precision_of(r['design'])} | - | - | - | - | "
+                         f"failed: {r['error']} |")
             continue
-        lines.append(f"| {r['model']} | {r['design']} | {r['precision']} | {r['bf16']} | {r['trainable_parameters'] / 1e6:.1f}M | "
+        lines.append(f"| {r['model']} | {r['design']} | {r['precision']} | {r['bf16']} | "
+                     f"{r['trainable_parameters'] / 1e6:.1f}M | "
                      f"{r['seconds_per_step']} | {r['sentences_per_second']} | {r['peak_rss_gb']} |")
     return "\n".join(lines)
 
@@ -244,7 +249,8 @@ def quality_table(q: dict) -> str:
                 f"p={c['p_value']:.3f}")
 
     reference = q["designs"][0]["design"]
-    lines = [f"Quality after equal training: {q['sentences']} random training texts ({q['steps']} batches of {BATCH}), "
+    lines = [f"Quality after equal training: {q['sentences']} random training texts "
+             f"({q['steps']} batches of {BATCH}), "
              f"AdamW lr {q['learning_rate']}, held-out {q['queries']} queries of {q['eval_data']}:", "",
              f"| design | nDCG@10 | vs base [95% CI] | vs {reference} [95% CI] | training sentences/s |",
              "|---|---|---|---|---|", f"| base | {q['base_ndcg@10']} | | | |"]
@@ -258,7 +264,8 @@ def main() -> None:
     parser.add_argument("--models", default="e5-small,xlmr-large")
     parser.add_argument("--designs", default=",".join(DESIGNS))
     parser.add_argument("--steps", type=int, default=3, help="training steps per design (the first is not timed)")
-    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds, plain ST vs the kit's steps (0 = skip)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="alternating rounds, plain ST vs the kit's steps (0 = skip)")
     parser.add_argument("--quality_steps", type=int, default=100,
                         help="train each quality design this many batches, then compare held-out nDCG@10 (0 = skip)")
     parser.add_argument("--quality_designs", default=QUALITY, help="the first is the reference of the others")
@@ -274,15 +281,15 @@ def main() -> None:
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     rows, results = [], {}
-    for name in filter(None, args.models.split(",")):
+    for name in comma_list(args.models):
         path = model_path(name, Path(args.workdir))
-        for design in filter(None, args.designs.split(",")):
+        for design in comma_list(args.designs):
             print(f"{name} / {design} ...", file=sys.stderr, flush=True)
             proc = subprocess.run([sys.executable, __file__, "--one", design, path, str(args.steps)],
                                   capture_output=True, text=True)
             if proc.returncode < 0:  # the kernel's out-of-memory killer sends SIGKILL
                 rows.append({"model": name, "design": design, "error": f"killed by signal {-proc.returncode} "
-                                                                      f"(out of memory on this machine?)"})
+                             f"(out of memory on this machine?)"})
             elif proc.returncode:
                 lines = [ln for ln in proc.stderr.splitlines() if "Error" in ln] or proc.stderr.splitlines()
                 error = (lines or [f"exit code {proc.returncode}"])[-1][:120]
@@ -300,7 +307,8 @@ def main() -> None:
                    + ", ".join(f"{d} {v}" for d, v in a["sentences_per_second"].items()) + "; speed-up over plain "
                    "sentence-transformers: " + ", ".join(f"**{d} {v}x**" for d, v in a["speedup"].items()), ""]
     if args.quality_steps:
-        q = results["quality"] = quality(e5, args.quality_designs.split(","), args.quality_steps, args.quality_lr, Path(args.workdir) / "quality")
+        q = results["quality"] = quality(e5, comma_list(args.quality_designs), args.quality_steps, args.quality_lr,
+                                         Path(args.workdir) / "quality")
         report += [quality_table(q), ""]
     (out / "benchmark.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     (out / "benchmark.md").write_text("\n".join(report), encoding="utf-8")

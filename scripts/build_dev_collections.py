@@ -45,10 +45,12 @@ import pandas as pd
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from src.create_dataset import RetrievalData, near_duplicates, normalized_key, save_beir  # noqa: E402
+from src.config import comma_list  # noqa: E402
 from src.errors import KitError, run_cli  # noqa: E402
 from src.preprocess import clean_text  # noqa: E402
+from src.retrieval_data import RetrievalData, near_duplicates, save_beir  # noqa: E402
 from src.tables import read_table, write_table  # noqa: E402
+from src.text import normalized_key  # noqa: E402
 
 SEED = 0
 MAX_CHARS = 1500
@@ -366,7 +368,7 @@ def main(argv=None) -> None:
     parser.add_argument("--workdir", default="", help="where .deb files are downloaded and unpacked (default: a "
                         "temporary folder, removed afterwards)")
     args = parser.parse_args(argv)
-    names = [n.strip() for n in args.collections.split(",") if n.strip()]
+    names = comma_list(args.collections)
     unknown = [n for n in names if n != CATALOG and n not in SOURCES]
     if unknown:
         raise KitError(f"unknown collection(s) {', '.join(unknown)}; choose from {CATALOG}, {', '.join(SOURCES)}")

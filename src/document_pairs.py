@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from src.create_dataset import SENTENCE_END, join, tokenize
+from src.text import SENTENCE_END, join, tokenize
 
 CONSTRUCTIONS = ("ict", "crop", "lead")
 ICT_KEEP = 0.1  # Lee et al.: the query sentence stays in its document 10% of the time
@@ -37,10 +37,9 @@ def _clip(tokens: list, rng: np.random.Generator, limit: int = MAX_QUERY_WORDS) 
     return tokens[start : start + limit]
 
 
-def _span_and_rest(tokens: list, length: int, rng: np.random.Generator) -> tuple[list, list]:
-    """A random span of `length` tokens, and the tokens around it."""
-    start = int(rng.integers(len(tokens) - length + 1))
-    return tokens[start : start + length], tokens[:start] + tokens[start + length :]
+def _span_start(tokens: list, length: int, rng: np.random.Generator) -> int:
+    """Where a random span of `length` tokens starts."""
+    return int(rng.integers(len(tokens) - length + 1))
 
 
 class DocumentPairs:
@@ -77,7 +76,8 @@ class DocumentPairs:
         spans = []
         for _ in range(2):
             length = max(1, int(round(rng.uniform(*CROP_RATIO) * len(tokens))))
-            spans.append(_span_and_rest(tokens, length, rng)[0])
+            start = _span_start(tokens, length, rng)
+            spans.append(tokens[start : start + length])
         short, long = sorted(spans, key=len)
         query, positive = join(_clip(short, rng)), join(long)
         return (query, text) if query == positive else (query, positive)
@@ -100,8 +100,8 @@ class DocumentPairs:
         if len(tokens) < 2:
             return text, text
         length = min(int(rng.integers(SPAN_WORDS[0], SPAN_WORDS[1] + 1)), len(tokens) // 2)
-        span, rest = _span_and_rest(tokens, length, rng)
-        return join(span), join(rest)
+        start = _span_start(tokens, length, rng)
+        return join(tokens[start : start + length]), join(tokens[:start] + tokens[start + length :])
 
 
 def document_pairs_dataset(texts: list[str], pairs: DocumentPairs):

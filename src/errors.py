@@ -24,6 +24,12 @@ class UsageError(KitError):
         super().__init__(message, exit_code=2)
 
 
+def first_line(exc: BaseException, limit: int = 200) -> str:
+    """A third-party exception's first line, capped: enough to name the cause inside the kit's one-line errors."""
+    lines = str(exc).splitlines()
+    return (lines[0] if lines else type(exc).__name__)[:limit]
+
+
 # Third-party messages a user of the kit cannot act on, each matched by its logger and its text, so that anything
 # else these libraries say still gets through. `--debug` shows them all.
 NOISY_LOG_MESSAGES = {

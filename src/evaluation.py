@@ -18,50 +18,14 @@ from pathlib import Path
 
 import numpy as np
 
-from src.config import EvalConfig, EvaluationArguments, parse_groups
-from src.create_dataset import RetrievalData, load_retrieval_data
-from src.errors import KitError, run_cli
+from src.cli import parse_groups
+from src.config import EvalConfig, EvaluationArguments
+from src.errors import KitError, first_line, run_cli
+from src.metrics import DEPTH, MAIN_METRIC, METRICS, compare, format_difference, format_p, score_rankings, verdict
+from src.plots import plot_metrics
+from src.retrieval_data import RetrievalData, load_retrieval_data
 
 logger = logging.getLogger(__name__)
-
-METRICS = ("ndcg@10", "mrr@10", "map@100", "recall@1", "recall@5", "recall@10", "recall@100")
-MAIN_METRIC = "ndcg@10"
-DEPTH = 100  # ranks retrieved per query: the deepest cut-off any metric needs
-
-
-# --------------------------------------------------------------------------------------------------------
-# Metrics. Written out here (not taken from sentence-transformers' InformationRetrievalEvaluator) because
-# that evaluator treats relevance as binary and returns only means; the paired comparison needs per-query
-# values and graded gains. Conventions follow trec_eval (linear gain, log2 discount); tests check them
-# against pytrec_eval.
-
-
-def query_metrics(ranking: list[str], relevant: dict[str, int]) -> dict[str, float]:
-    """All metrics for one query: `ranking` is doc ids best first, `relevant` maps doc id -> grade > 0."""
-    gains = np.array([relevant.get(d, 0) for d in ranking[:DEPTH]], dtype=float)
-    hits = gains > 0
-    n_rel = sum(1 for g in relevant.values() if g > 0)
-    discounts = 1.0 / np.log2(np.arange(2, DEPTH + 2))
-    ideal = np.sort(np.array([g for g in relevant.values() if g > 0], dtype=float))[::-1]
-    idcg = float((ideal[:10] * discounts[: min(10, len(ideal))]).sum())
-    dcg = float((gains[:10] * discounts[: len(gains[:10])]).sum())
-    first = int(np.argmax(hits[:10])) if hits[:10].any() else None
-    precision_at_hit = np.cumsum(hits) / np.arange(1, len(hits) + 1)
-    out = {
-        "ndcg@10": dcg / idcg if idcg else 0.0,
-        "mrr@10": 1.0 / (first + 1) if first is not None else 0.0,
-        "map@100": float(precision_at_hit[hits].sum() / n_rel) if n_rel else 0.0,
-    }
-    for k in (1, 5, 10, 100):
-        out[f"recall@{k}"] = float(hits[:k].sum() / n_rel) if n_rel else 0.0
-    return out
-
-
-def score_rankings(rankings: dict[str, list[str]], qrels: dict[str, dict[str, int]]) -> dict[str, np.ndarray]:
-    """Per-query metric arrays, queries in sorted id order."""
-    ids = sorted(qrels)
-    rows = [query_metrics(rankings.get(q, []), qrels[q]) for q in ids]
-    return {m: np.array([r[m] for r in rows]) for m in METRICS}
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -136,50 +100,11 @@ def evaluate_model(model, data: RetrievalData, cfg: EvalConfig, use_prompts: boo
 
 
 # --------------------------------------------------------------------------------------------------------
-# Comparison
-
-
-def compare(candidate: dict[str, np.ndarray], baseline: dict[str, np.ndarray], samples: int = 1000,
-            seed: int = 0) -> dict[str, dict]:
-    """Per metric: mean difference, 95% paired-bootstrap interval, and a two-sided paired randomization
-    (sign-flip) test p-value over queries."""
-    rng = np.random.default_rng(seed)
-    n = len(next(iter(candidate.values())))
-    resample = rng.integers(n, size=(samples, n))
-    signs = rng.choice([-1.0, 1.0], size=(max(samples, 2000), n))
-    out = {}
-    for metric in METRICS:
-        diff = candidate[metric] - baseline[metric]
-        boot = diff[resample].mean(1)
-        observed = abs(diff.mean())
-        p = (np.sum(np.abs((signs * diff).mean(1)) >= observed - 1e-12) + 1) / (len(signs) + 1)
-        out[metric] = {"difference": float(diff.mean()), "ci95": [float(np.percentile(boot, 2.5)),
-                                                                  float(np.percentile(boot, 97.5))],
-                       "p_value": float(p)}
-    return out
-
-
-def verdict(comparison: dict, metric: str = MAIN_METRIC, alpha: float = 0.05) -> str:
-    c = comparison[metric]
-    low, high = c["ci95"]
-    if c["p_value"] < alpha and low > 0:
-        return "better"
-    if c["p_value"] < alpha and high < 0:
-        return "worse"
-    return "not distinguishable"
-
-
-# --------------------------------------------------------------------------------------------------------
 # Reports
 
 
 def _fmt(x: float) -> str:
     return f"{100 * x:.2f}"
-
-
-def format_p(p: float, equals: str = "") -> str:
-    """`< 0.001` below 0.001 (3 decimals would print 0.000), else 3 decimals after `equals` ('= ' in a sentence)."""
-    return "< 0.001" if p < 0.001 else f"{equals}{p:.3f}"
 
 
 def write_reports(results: dict[str, dict], comparison: dict | None, data: RetrievalData, settings: dict,
@@ -206,13 +131,14 @@ def markdown_report(summary: dict) -> str:
              f"Data: `{d['source']}`: {d['queries']} queries, {d['documents']} documents, "
              f"{d['relevant_per_query']} relevant per query; every query searched against the whole collection "
              f"({summary['settings']['index']} FAISS index). " + " ".join(d["notes"]), "",
-             "| metric (x100) | " + " | ".join(names) + (" | difference [95% CI] | p |" if "comparison" in summary else " |"),
+             "| metric (x100) | " + " | ".join(names)
+             + (" | difference [95% CI] | p |" if "comparison" in summary else " |"),
              "|---|" + "---|" * len(names) + ("---|---|" if "comparison" in summary else "")]
     for m in METRICS:
         row = f"| {m} | " + " | ".join(_fmt(models[n]["metrics"][m]) for n in names) + " |"
         if "comparison" in summary:
             c = summary["comparison"]["metrics"][m]
-            row += f" {100 * c['difference']:+.2f} [{100 * c['ci95'][0]:+.2f}, {100 * c['ci95'][1]:+.2f}] | {format_p(c['p_value'])} |"
+            row += f" {format_difference(c)} | {format_p(c['p_value'])} |"
         lines.append(row)
     lines.append("")
     if "comparison" in summary:
@@ -225,61 +151,18 @@ def markdown_report(summary: dict) -> str:
         if v != "better":
             lines += ["WARNING: the adapted model is not better than the base model on these held-out pairs. "
                       "Keep using the base model, or change the recipe.", ""]
-    lines += ["| model | max tokens | documents/s (encoding) | prompts (query, document) | random-pair cosine mean ± std* |",
+    lines += ["| model | max tokens | documents/s (encoding) | prompts (query, document) | "
+              "random-pair cosine mean ± std* |",
               "|---|---|---|---|---|"]
     for n in names:
         r = models[n]
         a = r["anisotropy_diagnostic"]
-        lines.append(f"| {n} | {r['max_seq_length']} | {r['documents_per_second']} | {r['prompts']} | {a['mean']} ± {a['std']} |")
+        lines.append(f"| {n} | {r['max_seq_length']} | {r['documents_per_second']} | {r['prompts']} | "
+                     f"{a['mean']} ± {a['std']} |")
     lines += ["", "*Mean cosine of random document pairs is a diagnostic of anisotropy (how crowded the "
               "embedding space is), not a measure of retrieval quality.", "",
               "Settings: `" + json.dumps(summary["settings"], ensure_ascii=False) + "`", ""]
     return "\n".join(lines)
-
-
-def plot_metrics(results: dict[str, dict], path: Path, comparison: dict | None = None, title: str = "") -> None:
-    """metrics.png: every metric x100 (the report's scale), values on the bars; with two models, a second panel
-    with the difference per metric and its 95% interval (green above zero, red below, grey across it)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2 if comparison else 1, figsize=(13 if comparison else 8, 4.8), squeeze=False,
-                             gridspec_kw={"width_ratios": [3, 2] if comparison else [1]})
-    ax, names, x = axes[0, 0], list(results), np.arange(len(METRICS))
-    width = 0.8 / len(names)
-    for i, name in enumerate(names):
-        bars = ax.bar(x + i * width, [100 * results[name]["metrics"][m] for m in METRICS], width, label=name)
-        ax.bar_label(bars, fmt="%.1f", fontsize=7, padding=1)
-    ax.set_xticks(x + width * (len(names) - 1) / 2, METRICS, rotation=30)
-    ax.set_ylim(0, 118)  # room for the labels and the legend above the 100 mark
-    ax.set_ylabel("score (x100)")
-    ax.legend(loc="upper left", ncols=len(names))
-    ax.grid(axis="y", alpha=0.3)
-    if comparison:
-        _difference_panel(axes[0, 1], comparison, names)
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def _difference_panel(ax, comparison: dict, names: list[str]) -> None:
-    diff = np.array([100 * comparison[m]["difference"] for m in METRICS])
-    low, high = (np.array([100 * comparison[m]["ci95"][j] for m in METRICS]) for j in (0, 1))
-    colors = ["tab:green" if lo > 0 else "tab:red" if hi < 0 else "tab:gray" for lo, hi in zip(low, high)]
-    x = np.arange(len(METRICS))
-    bars = ax.bar(x, diff, 0.6, color=colors, yerr=[diff - low, high - diff], capsize=4)
-    ax.bar_label(bars, fmt="%+.2f", fontsize=7, padding=2)
-    ax.axhline(0, color="k", linewidth=0.8)
-    bottom, top = min(low.min(), 0), max(high.max(), 0)  # zero always shown, room for the labels
-    pad = 0.12 * (top - bottom) + 0.5
-    ax.set_ylim(bottom - pad, top + pad)
-    ax.set_xticks(x, METRICS, rotation=30)
-    ax.set_ylabel("difference (x100 points)")
-    ax.set_title(f"{names[0]} - {names[1]}, 95% CI; {MAIN_METRIC}: {verdict(comparison)}", fontsize=10)
-    ax.grid(axis="y", alpha=0.3)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -296,7 +179,7 @@ def load_model(name_or_path: str, device: str = "cpu"):
         return e5_document_prompt(SentenceTransformer(str(path), device=device))
     except (OSError, ValueError) as exc:
         raise KitError(f"model {path}: cannot load as a sentence-transformers model "
-                       f"({str(exc).splitlines()[0][:200]})") from exc
+                       f"({first_line(exc)})") from exc
 
 
 def run_evaluation(models: dict[str, str], cfg: EvalConfig, folder: Path, seed: int = EvaluationArguments.seed,
@@ -324,8 +207,8 @@ def run_evaluation(models: dict[str, str], cfg: EvalConfig, folder: Path, seed: 
         logger.info("%s: %s", name, ", ".join(f"{m} {100 * v:.2f}" for m, v in results[name]["metrics"].items()))
     if comparison:
         v, c = summary["comparison"]["verdict"], comparison[MAIN_METRIC]
-        message = (f"{names[0]} vs {names[1]}: {MAIN_METRIC} {100 * c['difference']:+.2f} points "
-                   f"[{100 * c['ci95'][0]:+.2f}, {100 * c['ci95'][1]:+.2f}], p {format_p(c['p_value'], '= ')}: {v}")
+        message = (f"{names[0]} vs {names[1]}: {MAIN_METRIC} {format_difference(c)} points, "
+                   f"p {format_p(c['p_value'], '= ')}: {v}")
         (logger.info if v == "better" else logger.warning)(
             message + ("" if v == "better" else " -- the adapted model is NOT better than the base"))
     return summary

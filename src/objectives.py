@@ -31,9 +31,11 @@ from sentence_transformers.sentence_transformer.evaluation import InformationRet
 from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
 
 from src.config import OBJECTIVE_PARTS, Config
-from src.create_dataset import TrainingData, WordNoise, noisy_dataset, pairs_to_retrieval
+from src.create_dataset import TrainingData
 from src.document_pairs import DocumentPairs, document_pairs_dataset
 from src.errors import UsageError
+from src.noise import WordNoise, noisy_dataset
+from src.retrieval_data import pairs_to_retrieval
 from src.tsdae import TSDAELoss, corpus_vocabulary
 
 logger = logging.getLogger(__name__)
@@ -271,5 +273,6 @@ def dev_evaluator(model: SentenceTransformer, data: TrainingData, cfg: Config):
     prompts = model.prompts or {}
     return InformationRetrievalEvaluator(
         dev.queries, corpus, {q: set(d) for q, d in dev.qrels.items()}, name="dev",
-        batch_size=cfg.eval.eval_batch_size, query_prompt=prompts.get("query"), corpus_prompt=prompts.get("passage"), ndcg_at_k=[10],
+        batch_size=cfg.eval.eval_batch_size, query_prompt=prompts.get("query"), corpus_prompt=prompts.get("passage"),
+        ndcg_at_k=[10],
         mrr_at_k=[10], accuracy_at_k=[1], precision_recall_at_k=[10], map_at_k=[100])

@@ -19,7 +19,8 @@ import unicodedata
 
 import pandas as pd
 
-from src.config import PreprocessConfig, check_option, parse_groups
+from src.cli import parse_groups
+from src.config import PreprocessConfig, check_option, comma_list
 from src.errors import KitError, run_cli
 from src.tables import read_table, require_columns, write_table
 
@@ -74,8 +75,8 @@ def render(template: str, title: str, attributes: str, description: str) -> str:
 
 def records_to_texts(frame: pd.DataFrame, cfg: PreprocessConfig, source="input") -> tuple[pd.DataFrame, dict]:
     """Combine each record into one text; returns the texts frame and the counts of what was dropped."""
-    flat_columns = [c.strip() for c in cfg.attribute_columns.split(",") if c.strip()]
-    keep = [c.strip() for c in cfg.keep_columns.split(",") if c.strip()]
+    flat_columns = comma_list(cfg.attribute_columns)
+    keep = comma_list(cfg.keep_columns)
     needed = [cfg.title_field, *flat_columns, *keep] + [f for f in (cfg.attributes_field, cfg.description_field) if f]
     require_columns(frame, needed, source)
     texts = []

@@ -273,7 +273,7 @@ def resolve_model(name_or_path: str) -> Path:
 
 
 def main(argv=None) -> None:
-    from src.config import KitParser  # one-line errors, as every command of the kit gives
+    from src.cli import KitParser  # one-line errors, as every command of the kit gives
 
     parser = KitParser(description=__doc__.split("\n")[0])
     parser.add_argument("model", nargs="?", default="intfloat/multilingual-e5-small",

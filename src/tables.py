@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from src.errors import KitError
+from src.errors import KitError, first_line
 
 READ_FORMATS = (".csv", ".tsv", ".parquet", ".jsonl", ".json", ".txt")
 
@@ -72,7 +72,7 @@ def read_table(path: str | os.PathLike, text_column: str = "text", header: bool 
     except KitError:
         raise
     except Exception as exc:  # pyarrow/pandas parser errors: truncated Parquet, ragged CSV, ...
-        raise KitError(f"{path}: cannot read {suffix[1:]} file ({str(exc).splitlines()[0][:200]})") from exc
+        raise KitError(f"{path}: cannot read {suffix[1:]} file ({first_line(exc)})") from exc
     if frame.empty:
         raise KitError(f"{path}: no records")
     return frame

@@ -170,7 +170,7 @@ class TSDAELoss(nn.Module):
     booktitle = "Findings of the Association for Computational Linguistics: EMNLP 2021",
     year = "2021",
     pages = "671--688",
-}"""
+}"""  # noqa: E501
 
 
 def corpus_vocabulary(model: SentenceTransformer, texts: list[str]) -> torch.Tensor:

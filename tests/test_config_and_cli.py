@@ -8,9 +8,10 @@ import sys
 import time
 
 import pytest
-
 from conftest import ROOT, RU_TRAIN
-from src.config import GROUPS, Config, EvalConfig, EvaluationArguments, PreprocessConfig, parse_config, parse_groups
+
+from src.cli import parse_config, parse_groups
+from src.config import GROUPS, Config, EvalConfig, EvaluationArguments, PreprocessConfig
 from src.errors import UsageError, quiet_third_party
 
 
@@ -102,7 +103,8 @@ def test_a_config_file_serves_every_command(tmp_path):
     path.write_text("evaluation:\n  model: m\n  seed: 3\neval:\n  eval_data: pairs.jsonl\nprecision: none\n"
                     "train:\n  learning_rate: 0.001\n")
     settings = parse_groups({"evaluation": EvaluationArguments, "eval": EvalConfig}, ["--config", str(path)])
-    assert (settings["evaluation"].model, settings["evaluation"].seed, settings["eval"].eval_data) == ("m", 3, "pairs.jsonl")
+    evaluation, eval_settings = settings["evaluation"], settings["eval"]
+    assert (evaluation.model, evaluation.seed, eval_settings.eval_data) == ("m", 3, "pairs.jsonl")
     assert parse_config(["--config", str(path)]).train.learning_rate == 0.001  # the trainer takes its own part
     run_config_json = tmp_path / "config.json"  # a finished run's settings, for src.evaluation
     Config(eval=EvalConfig(eval_data="held-out.csv")).save(run_config_json)

@@ -4,13 +4,15 @@ import json
 
 import pandas as pd
 import pytest
-
 from conftest import EN_TRAIN, ROOT, RU_TRAIN, read_texts
+
 from src.config import DataConfig, NoiseConfig, PreprocessConfig
-from src.create_dataset import WordNoise, clean_corpus, count_words, join, load_training_data, noisy_dataset, tokenize
+from src.create_dataset import clean_corpus, load_training_data
 from src.errors import KitError
+from src.noise import WordNoise, noisy_dataset
 from src.preprocess import clean_text, records_to_texts
 from src.tables import read_table
+from src.text import count_words, join, tokenize
 
 TEXTS = ["Смартфон Samsung Galaxy A53 SM-A536, 128 ГБ, черный цвет корпуса",
          "Real-time strategy game of ancient warfare with 3D graphics",
@@ -84,7 +86,7 @@ def test_sentence_and_window_splitting():
     sentences, _ = clean_corpus([text], DataConfig(split_mode="sentences", min_words=1))
     assert len(sentences) == 4 and sentences[1] == "Второе предложение тоже!"
     windows, _ = clean_corpus([" ".join(f"w{i}" for i in range(100))], DataConfig(split_mode="windows",
-                                                                                   window_words=30))
+                                                                                  window_words=30))
     assert [count_words(w) for w in windows] == [30, 30, 30, 10]
 
 
@@ -127,7 +129,8 @@ def test_dataset_applies_noise_lazily_per_access():
     noise.epoch = 1
     assert dataset[:]["text"] == TEXTS and dataset[:]["noisy"] != first
     for noisy, text in zip(first, TEXTS):
-        assert count_words(noisy) < count_words(text) and {w for w, _ in tokenize(noisy)} <= {w for w, _ in tokenize(text)}
+        assert count_words(noisy) < count_words(text)
+        assert {w for w, _ in tokenize(noisy)} <= {w for w, _ in tokenize(text)}
 
 
 def test_optional_swap_and_insertion_noise():

@@ -7,13 +7,14 @@ import logging
 import pandas as pd
 import pytest
 import torch
-
 from conftest import RU_TRAIN
+
 from src.config import DataConfig, ModelConfig
-from src.create_dataset import load_training_data, normalized_key, tokenize
+from src.create_dataset import load_training_data
 from src.document_pairs import CONSTRUCTIONS, DocumentPairs, document_pairs_dataset
 from src.errors import UsageError
 from src.objectives import DOCUMENTS_DEFAULT, development_pairs, resolve_objective
+from src.text import normalized_key, tokenize
 
 DOCS = [json.loads(line)["description"] for line in RU_TRAIN.read_text(encoding="utf-8").splitlines()[:200]]
 
@@ -134,7 +135,7 @@ def test_disabled_adapter_embeddings_equal_the_base_model(lora_model):
 
 
 def test_adapter_scale_zero_is_the_base_model_and_one_is_as_trained(lora_model):
-    from src.trainer import BestStateCallback, choose_lora_scale
+    from src.callbacks import BestStateCallback, choose_lora_scale
 
     model, base = lora_model
     texts = DOCS[:8]

@@ -4,13 +4,13 @@ import json
 
 import numpy as np
 import pytest
-
 from conftest import ROOT, RU_TRAIN
+
 from src.config import EvalConfig
-from src.create_dataset import RetrievalData, load_beir, load_pairs, load_retrieval_data
 from src.errors import KitError
-from src.evaluation import (METRICS, compare, evaluate_model, format_p, load_model, markdown_report, query_metrics,
-                            score_rankings, verdict)
+from src.evaluation import evaluate_model, load_model, markdown_report
+from src.metrics import METRICS, compare, format_p, query_metrics, score_rankings, verdict
+from src.retrieval_data import RetrievalData, load_beir, load_pairs, load_retrieval_data
 
 
 def test_hand_worked_single_relevant():
@@ -86,7 +86,8 @@ def test_pairs_loader_merges_identical_texts(tmp_path):
 
 def _beir(tmp_path, qrels_text):
     (tmp_path / "qrels").mkdir()
-    (tmp_path / "corpus.jsonl").write_text('{"_id": "d1", "title": "T", "text": "one"}\n{"_id": "d2", "text": "two"}\n')
+    (tmp_path / "corpus.jsonl").write_text('{"_id": "d1", "title": "T", "text": "one"}\n'
+                                           '{"_id": "d2", "text": "two"}\n')
     (tmp_path / "queries.jsonl").write_text('{"_id": "q1", "text": "first"}\n{"_id": "q2", "text": "second"}\n')
     (tmp_path / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\n" + qrels_text)
     return str(tmp_path)
@@ -147,7 +148,7 @@ def _beir_variant(root, id_key, qrels_at, header):
 @pytest.mark.parametrize("qrels_at", ["qrels/test.tsv", "qrels/dev.tsv", "qrels.tsv"])
 @pytest.mark.parametrize("header", [True, False])
 def test_beir_variants_load_alike(tmp_path, caplog, id_key, qrels_at, header):
-    with caplog.at_level("INFO", logger="src.create_dataset"):
+    with caplog.at_level("INFO", logger="src.retrieval_data"):
         data = load_retrieval_data(_beir_variant(tmp_path / "beir", id_key, qrels_at, header))
     assert data.qrels == {"q1": {"d1": 2, "2": 1}} and data.corpus == {"d1": "one", "2": "two"}  # no title: text
     assert list(data.queries) == ["q1"]
@@ -159,7 +160,7 @@ def test_beir_variants_load_alike(tmp_path, caplog, id_key, qrels_at, header):
 def test_beir_picks_the_test_split_and_names_the_others(tmp_path, caplog):
     root = _beir_variant(tmp_path / "beir", "_id", "qrels/test.tsv", True)
     (tmp_path / "beir" / "qrels" / "train.tsv").write_text("q2\td2\t1\n")
-    with caplog.at_level("INFO", logger="src.create_dataset"):
+    with caplog.at_level("INFO", logger="src.retrieval_data"):
         assert list(load_retrieval_data(root).queries) == ["q1"]
     assert "split 'test' (qrels/test.tsv); also there: train" in caplog.text
 
@@ -192,7 +193,7 @@ def test_p_values_below_a_thousandth_are_not_printed_as_zero():
     p_values = [0.0004, 0.001, 0.25, 0.0, 1.0, 0.0499, 0.00099]
     rows = {line.split(" | ")[0].strip("| "): line.rstrip(" |").split(" | ")[-1]
             for line in markdown_report(_summary(p_values)).splitlines() if line.startswith(("| ndcg", "| mrr",
-                                                                                                "| map", "| recall"))}
+                                                                                             "| map", "| recall"))}
     assert list(rows.values()) == ["< 0.001", "0.001", "0.250", "< 0.001", "1.000", "0.050", "< 0.001"]
     assert (format_p(0.0004, "= "), format_p(0.03, "= ")) == ("< 0.001", "= 0.030")
 
@@ -228,7 +229,7 @@ def test_trainer_and_command_line_evaluations_agree_and_name_the_final_folder(tm
 
 @pytest.mark.parametrize("two", [True, False], ids=["compared", "one model"])
 def test_metrics_plot_is_written(tmp_path, two):
-    from src.evaluation import plot_metrics
+    from src.plots import plot_metrics
 
     rng = np.random.default_rng(0)
     per_query = {n: {m: rng.random(50) for m in METRICS} for n in ("adapted", "base")[: 1 + two]}

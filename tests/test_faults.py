@@ -6,10 +6,10 @@ import signal
 
 import pytest
 import torch
+from conftest import run_config
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
-from conftest import run_config
 from src import trainer as trainer_module
 from src.errors import KitError
 from src.tsdae import TSDAELoss
@@ -40,7 +40,8 @@ def uninterrupted(tmp_path_factory, tiny_bert):
                                            save_steps=3))
 
 
-def test_crash_then_resume_skips_a_torn_checkpoint_and_reaches_the_same_weights(tmp_path, tiny_bert, uninterrupted, monkeypatch):
+def test_crash_then_resume_skips_a_torn_checkpoint_and_reaches_the_same_weights(tmp_path, tiny_bert, uninterrupted,
+                                                                                 monkeypatch):
     class Crash(TrainerCallback):
         def on_save(self, args, state, control, **kwargs):
             raise KeyboardInterrupt  # dies right after writing checkpoint-3, like kill -9 would

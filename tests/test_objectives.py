@@ -7,8 +7,8 @@ import logging
 import numpy as np
 import pandas as pd
 import pytest
-
 from conftest import ROOT, RU_TRAIN
+
 from src.config import Config, DataConfig, EvalConfig, ModelConfig, OutputConfig, TrainConfig
 from src.create_dataset import load_training_data, normalized_key
 from src.errors import KitError

@@ -3,8 +3,8 @@
 
 import numpy as np
 import pytest
-
 from conftest import E5
+
 from src.errors import KitError
 from src.provision import resolve_model
 

@@ -4,8 +4,8 @@ import json
 
 import pytest
 import torch
-
 from conftest import RU_TRAIN, read_texts, run_config
+
 from src.config import ModelConfig
 from src.model_builder import bf16_enabled, build_model
 from src.tsdae import TSDAELoss, corpus_vocabulary
@@ -163,7 +163,7 @@ def test_saved_e5_models_encode_documents_with_the_passage_prompt(tmp_path, tiny
     from sentence_transformers import SentenceTransformer
 
     from src.config import Config
-    from src.trainer import save_models
+    from src.run_folder import save_models
 
     cfg = Config(model=ModelConfig(model_name_or_path=str(tiny_xlmr), precision="none"))
     save_models(build_model(cfg.model), cfg, tmp_path)  # as the trainer saves: adapter/ and merged/
@@ -173,7 +173,8 @@ def test_saved_e5_models_encode_documents_with_the_passage_prompt(tmp_path, tiny
         assert model.prompts["document"] == "passage: "
         assert torch.allclose(torch.tensor(model.encode_document(texts)),
                               torch.tensor(model.encode(texts, prompt="passage: ")))
-        assert torch.allclose(torch.tensor(model.encode_query(texts)), torch.tensor(model.encode(texts, prompt="query: ")))
+        assert torch.allclose(torch.tensor(model.encode_query(texts)),
+                              torch.tensor(model.encode(texts, prompt="query: ")))
         assert not torch.allclose(torch.tensor(model.encode_document(texts)), torch.tensor(model.encode(texts)))
 
 
@@ -188,7 +189,7 @@ LOG_HISTORY = [{"loss": 2.8 - 0.02 * s, "step": s} for s in (1, 10, 20, 30, 40)]
 
 @pytest.mark.parametrize("dev", [True, False], ids=["with development evaluation", "without"])
 def test_loss_plot_is_written(tmp_path, dev):
-    from src.trainer import plot_loss
+    from src.plots import plot_loss
 
     history = LOG_HISTORY if dev else [h for h in LOG_HISTORY if "eval_loss" not in h]
     dev_history = [[0, 0.40], [20, 0.43], [40, 0.42]] if dev else None
@@ -209,7 +210,7 @@ def run_summary(**changes):
 
 
 def test_final_summary_says_what_was_trained_kept_saved_and_measured(tmp_path):
-    from src.trainer import summary_lines
+    from src.run_summary import summary_lines
 
     final = tmp_path / "e5-small-ru"
     (final / "merged").mkdir(parents=True)
@@ -217,7 +218,8 @@ def test_final_summary_says_what_was_trained_kept_saved_and_measured(tmp_path):
     lines = summary_lines(run_summary(), final)
     assert lines[0] == "objective mnrl (chosen by --objective auto): 2451 training pairs, 77 steps"
     assert lines[1] == "kept: step 70 (development nDCG@10 75.00 at step 0 -> 81.20), adapter scale 0.5"
-    assert lines[2] == f"saved: {final}/ merged/ (standalone model), adapter/ (LoRA adapter)" and ".partial" not in lines[2]
+    assert lines[2] == f"saved: {final}/ merged/ (standalone model), adapter/ (LoRA adapter)"
+    assert ".partial" not in lines[2]
     assert lines[3] == ("held-out nDCG@10: base 75.59 -> adapted 81.61, +6.02 [95% CI +4.20, +7.89]: "
                         "better than the base model")
     assert lines[4] == "time 12.4 min in all (6.5 min training); peak resident memory 3.70 GB (before evaluation)"
@@ -229,11 +231,12 @@ def test_final_summary_says_what_was_trained_kept_saved_and_measured(tmp_path):
     assert lines[1] == "kept: the last step (77), no model selection"
     assert lines[3].endswith("WORSE than the base model: keep using the base model")
     base_kept = summary_lines(run_summary(selected={"step": 0, "dev_ndcg@10": 0.75}, evaluation=None), final)
-    assert "the base model unchanged" in base_kept[1] and base_kept[3] == "held-out evaluation: not run (no --eval_data)"
+    assert "the base model unchanged" in base_kept[1]
+    assert base_kept[3] == "held-out evaluation: not run (no --eval_data)"
 
 
 def test_log_counts_only_what_the_objective_trains_on():
-    from src.trainer import training_counts
+    from src.run_summary import training_counts
 
     assert training_counts("mnrl", 0, 150, 0, 39) == "150 training pairs; development: 39 held-out pairs"
     assert training_counts("lead", 340, 0, 84, 0) == "340 training texts; development: 84 held-out texts"

@@ -1,0 +1,65 @@
+"""The run folder: built as `<output_dir>.partial/`, renamed into place only when everything is written, and the
+models saved into it (adapter/ and merged/)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from sentence_transformers import SentenceTransformer
+
+from src.callbacks import BEST_FILE
+from src.config import Config
+from src.errors import KitError
+from src.model_builder import load_sentence_transformer
+
+
+def prepare_run_folder(cfg: Config) -> Path:
+    """`<output_dir>.partial/`: refuses to touch a finished run without --overwrite, and a partial one
+    without --resume (or --overwrite)."""
+    final, partial = Path(cfg.output.output_dir), Path(cfg.output.output_dir + ".partial")
+    if final.exists() and not cfg.output.overwrite:
+        raise KitError(f"output folder {final} already exists; pass --overwrite to replace it, or choose "
+                       f"another --output_dir")
+    if partial.exists() and not (cfg.train.resume or cfg.output.overwrite):
+        raise KitError(f"an unfinished run is in {partial}; pass --resume to continue it or --overwrite to "
+                       f"start again")
+    if partial.exists() and cfg.output.overwrite and not cfg.train.resume:
+        shutil.rmtree(partial)
+    partial.mkdir(parents=True, exist_ok=True)
+    return partial
+
+
+def finalize_run_folder(partial: Path, final: Path) -> None:
+    shutil.rmtree(partial / "checkpoints", ignore_errors=True)
+    (partial / BEST_FILE).unlink(missing_ok=True)  # already folded into adapter/ and merged/
+    if final.exists():  # only reachable with --overwrite
+        trash = final.with_name(final.name + ".old")
+        os.replace(final, trash)
+        os.replace(partial, final)
+        shutil.rmtree(trash)
+    else:
+        os.replace(partial, final)
+
+
+def save_models(model: SentenceTransformer, cfg: Config, folder: Path) -> None:
+    """adapter/ (LoRA runs) and merged/ (always). The merge goes into a freshly loaded full-precision base,
+    never into the 4-bit one, which would re-quantize and lose precision. Both keep the base model's own
+    maximum length: --max_seq_length is a training setting, and evaluation must compare like with like."""
+    base = load_sentence_transformer(cfg.model, device="cpu", quantize=False)
+    model.max_seq_length = base.max_seq_length
+    if cfg.model.precision == "full":
+        model.save(str(folder / "merged"))
+        return
+    model.save(str(folder / "adapter"))
+    base[0].auto_model = merge_adapter(base[0].auto_model, folder / "adapter")
+    base.save(str(folder / "merged"))
+
+
+def merge_adapter(base: torch.nn.Module, adapter_dir: Path) -> torch.nn.Module:
+    """Fold the saved LoRA adapter into the weights of a full-precision `base`."""
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()

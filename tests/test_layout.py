@@ -1,0 +1,53 @@
+"""The house rules of README "Architecture": imports run one way, files and functions stay short."""
+
+import ast
+import re
+
+import pytest
+from conftest import ROOT
+
+# README order, bottom layer first: a module may import only modules before it.
+LAYERS = ("errors config cli tables text preprocess noise create_dataset document_pairs retrieval_data metrics plots "
+          "provision model_builder tsdae objectives callbacks run_folder run_summary evaluation trainer").split()
+SRC = ROOT / "src"
+
+
+def imported(path) -> set[str]:
+    """src modules `path` imports at module level (imports inside functions are entry-point conveniences)."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    names = set()
+    for node in tree.body:
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("src."):
+            names.add(node.module.split(".")[1])
+    return names
+
+
+def test_every_module_has_a_place_in_the_readme_order():
+    modules = {p.stem for p in SRC.glob("*.py")} - {"__init__"}
+    assert modules == set(LAYERS)
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert all(f"`{m}.py`" in readme for m in LAYERS)
+
+
+@pytest.mark.parametrize("module", LAYERS)
+def test_imports_run_one_way(module):
+    later = [m for m in imported(SRC / f"{module}.py") if LAYERS.index(m) >= LAYERS.index(module)]
+    assert not later, f"src/{module}.py imports {later}, which come after it"
+
+
+def test_files_and_functions_stay_short():
+    for path in SRC.glob("*.py"):
+        text = path.read_text(encoding="utf-8")
+        assert len(text.splitlines()) <= 300, f"{path.name}: {len(text.splitlines())} lines"
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                length = node.end_lineno - node.lineno + 1
+                assert length <= 40, f"{path.name}: {node.name} is {length} lines"
+
+
+def test_measured_numbers_live_in_the_readme_only():
+    """Help texts and docstrings go stale when they quote measurements (GB, x-times speed-ups, percentages)."""
+    pattern = re.compile(r"\d+(\.\d+)? ?(GB|GiB|MB)\b|\b\d+(\.\d+)?x (faster|slower|less|more)\b")
+    for path in SRC.glob("*.py"):
+        hits = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if pattern.search(line)]
+        assert not hits, f"{path.name}: {hits[0]}"
