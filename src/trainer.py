@@ -1,5 +1,6 @@
-"""One command: data -> model -> training (TSDAE / SimCSE / MNRL, see src/objectives.py) -> model selection on
-development pairs -> saved adapter and merged model -> retrieval evaluation against the base model.
+"""One command: data -> model -> training (the objectives of src/objectives.py) -> model selection on development
+pairs (src/callbacks.py) -> saved adapter and merged model (src/run_folder.py) -> retrieval evaluation against the
+base model (src/evaluation.py).
 
     python -m src.trainer                      # bundled default: multilingual-e5-small, QLoRA, Russian catalog
     python -m src.trainer --config my.yaml --learning_rate 5e-5 --output_dir runs/mine
