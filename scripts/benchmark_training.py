@@ -40,6 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from src.config import comma_list  # noqa: E402
+from src.metrics import format_difference, format_p  # noqa: E402
 
 DESIGNS = ["old-kit", "st-tied", "kit-full", "kit-lora", "kit-qlora", "kit-qlora-gc"]
 PRECISION = {"old-kit": "nf4", "st-tied": "full", "kit-full": "full", "kit-lora": "none", "kit-qlora": "nf4",
@@ -245,8 +246,7 @@ def quality_table(q: dict) -> str:
     def ci(c: dict | None) -> str:
         if c is None:
             return ""
-        return (f"{100 * c['difference']:+.2f} [{100 * c['ci95'][0]:+.2f}, {100 * c['ci95'][1]:+.2f}], "
-                f"p={c['p_value']:.3f}")
+        return f"{format_difference(c)}, p {format_p(c['p_value'], '= ')}"
 
     reference = q["designs"][0]["design"]
     lines = [f"Quality after equal training: {q['sentences']} random training texts "

@@ -10,7 +10,7 @@ Collections:
   update` once) and unpacked with `dpkg-deb -x`. HTML pages are split at their headings (h1-h4): a section's
   TITLE is the query, its BODY (the title removed) the document.
 
-Rules for the Debian collections (like `holdout_split` of the catalog):
+Rules for the Debian collections (like `holdout_split` of the catalog in scripts/build_sample_data.py):
 - bodies are plain text (markup stripped, whitespace squeezed, one paragraph a line), a leading repeat of the
   title removed, cut to 1,500 characters; titles lose their "4.2." numbering;
 - a title that cannot be a query (under 2 words, generic: GENERIC_TITLES, or occurring more than once in the

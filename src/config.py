@@ -18,7 +18,6 @@ from src.errors import UsageError, run_cli
 
 DEFAULT_MODEL = "intfloat/multilingual-e5-small"
 OBJECTIVE_PARTS = ("mnrl", "ict", "crop", "lead", "simcse", "tsdae")  # registered in src/objectives.py
-DOCUMENT_CONSTRUCTIONS = ("lead", "ict", "crop")  # src/document_pairs.py
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 
 

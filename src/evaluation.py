@@ -5,8 +5,9 @@
 
 Metrics per query (graded relevance, several relevant documents allowed): nDCG@10, MRR@10, MAP@100,
 Recall@1/5/10/100. Two models are compared on the same queries: differences with 95% paired-bootstrap
-confidence intervals, a paired randomization test, and a verdict in words. Writes metrics.json, report.md
-and metrics.png. The mean cosine of random pairs is reported only as an anisotropy diagnostic.
+confidence intervals, a paired randomization test, and a verdict in words (computed in src/metrics.py). Writes
+metrics.json, report.md and metrics.png (src/plots.py). The mean cosine of random pairs is reported only as an
+anisotropy diagnostic.
 """
 
 from __future__ import annotations

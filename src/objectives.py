@@ -274,5 +274,4 @@ def dev_evaluator(model: SentenceTransformer, data: TrainingData, cfg: Config):
     return InformationRetrievalEvaluator(
         dev.queries, corpus, {q: set(d) for q, d in dev.qrels.items()}, name="dev",
         batch_size=cfg.eval.eval_batch_size, query_prompt=prompts.get("query"), corpus_prompt=prompts.get("passage"),
-        ndcg_at_k=[10],
-        mrr_at_k=[10], accuracy_at_k=[1], precision_recall_at_k=[10], map_at_k=[100])
+        ndcg_at_k=[10], mrr_at_k=[10], accuracy_at_k=[1], precision_recall_at_k=[10], map_at_k=[100])

@@ -1,6 +1,7 @@
 """Held-out retrieval data: queries, a document collection and graded relevance judgements.
 
 - `load_retrieval_data`: a pairs file, or a BEIR-style folder, -> `RetrievalData`;
+- `pairs_to_retrieval`: (query, document) pairs in memory -> `RetrievalData` (model selection's development pairs);
 - `save_beir`: `RetrievalData` -> a BEIR-style folder;
 - `near_duplicates`: the rule that keeps a held-out query to one right answer (used by the scripts that build
   the bundled collections).

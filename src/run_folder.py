@@ -16,10 +16,14 @@ from src.errors import KitError
 from src.model_builder import load_sentence_transformer
 
 
+def partial_folder(cfg: Config) -> Path:
+    return Path(cfg.output.output_dir + ".partial")
+
+
 def prepare_run_folder(cfg: Config) -> Path:
     """`<output_dir>.partial/`: refuses to touch a finished run without --overwrite, and a partial one
     without --resume (or --overwrite)."""
-    final, partial = Path(cfg.output.output_dir), Path(cfg.output.output_dir + ".partial")
+    final, partial = Path(cfg.output.output_dir), partial_folder(cfg)
     if final.exists() and not cfg.output.overwrite:
         raise KitError(f"output folder {final} already exists; pass --overwrite to replace it, or choose "
                        f"another --output_dir")

@@ -57,7 +57,7 @@ from src.objectives import (
 )
 from src.plots import plot_loss
 from src.retrieval_data import RetrievalData, load_retrieval_data
-from src.run_folder import finalize_run_folder, prepare_run_folder, save_models
+from src.run_folder import finalize_run_folder, partial_folder, prepare_run_folder, save_models
 from src.run_summary import summary_lines, training_counts
 from src.tables import read_table
 
@@ -158,9 +158,10 @@ def run_training(trainer: KitTrainer, checkpoint: str | None, cfg: Config):
     return result
 
 
-def read_inputs(cfg: Config) -> tuple[TrainingData, RetrievalData | None]:
-    """The training file (read once: its columns decide `--objective auto`) and the evaluation data, both checked
-    before any folder or model exists, so that bad data fails in seconds, not after the training."""
+def read_inputs(cfg: Config) -> tuple[str, TrainingData, RetrievalData | None]:
+    """The training file (read once: its columns decide `--objective auto`, which this resolves in `cfg`) and the
+    evaluation data, both checked before any folder or model exists, so that bad data fails in seconds, not after
+    the training. Returns the objective as requested, the training data and the evaluation data."""
     requested = cfg.train.objective
     frame = read_table(cfg.data.train_file, cfg.data.text_column)
     cfg.train.objective = resolve_objective(requested, [str(c) for c in frame.columns],
@@ -176,7 +177,7 @@ def read_inputs(cfg: Config) -> tuple[TrainingData, RetrievalData | None]:
                 len(data.pairs), len(data.dev_texts), len(data.dev_pairs)))
     eval_data = (load_retrieval_data(cfg.eval.eval_data, cfg.eval.query_column, cfg.eval.document_column)
                  if cfg.eval.eval_data else None)
-    return data, eval_data
+    return requested, data, eval_data
 
 
 def select_state(trainer: KitTrainer, best: BestStateCallback | None, cfg: Config) -> dict:
@@ -198,13 +199,13 @@ def select_state(trainer: KitTrainer, best: BestStateCallback | None, cfg: Confi
 
 def run_record(cfg: Config, requested: str, data: TrainingData, trainer: KitTrainer, result, selection: dict,
                device: str) -> dict:
-    """run.json: what was trained, what was kept (`selection`), what it cost."""
+    """run.json: what was trained, what was kept (`selection`), how long it took."""
     return {"objective": cfg.train.objective, "objective_requested": requested, "train_texts": len(data.texts),
             "train_pairs": len(data.pairs), "dev_texts": len(data.dev_texts), "dev_pairs": len(data.dev_pairs),
             "steps": trainer.state.global_step, "train_seconds": round(result.metrics.get("train_runtime", 0.0), 1),
             "train_samples_per_second": result.metrics.get("train_samples_per_second"),
             "final_train_loss": result.metrics.get("train_loss"), "device": device, "bf16": trainer.args.bf16,
-            **selection, "peak_memory_gb": peak_memory_gb(device)}
+            **selection}
 
 
 def write_outputs(cfg: Config, folder: Path, trainer: KitTrainer, summary: dict) -> None:
@@ -222,9 +223,9 @@ def train(cfg: Config) -> Path:
     set_seed(cfg.train.seed)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
-    device, requested = pick_device(cfg.train.device), cfg.train.objective
-    data, eval_data = read_inputs(cfg)
-    folder = prepare_run_folder(cfg) if world_rank() == 0 else Path(cfg.output.output_dir + ".partial")
+    device = pick_device(cfg.train.device)
+    requested, data, eval_data = read_inputs(cfg)
+    folder = prepare_run_folder(cfg) if world_rank() == 0 else partial_folder(cfg)
     if world_rank() == 0:
         cfg.save(folder / "config.json")
     model = build_model(cfg.model, device, cfg.train.gradient_checkpointing)
@@ -242,6 +243,7 @@ def train(cfg: Config) -> Path:
         return folder
     summary = run_record(cfg, requested, data, trainer, result, selection, device)
     write_outputs(cfg, folder, trainer, summary)
+    summary["peak_memory_gb"] = peak_memory_gb(device)  # after saving: the merge into a full-precision base counts
     if eval_data is not None:
         from src.evaluation import evaluate_run
 

@@ -10,9 +10,10 @@ import pytest
 from conftest import ROOT, RU_TRAIN
 
 from src.config import Config, DataConfig, EvalConfig, ModelConfig, OutputConfig, TrainConfig
-from src.create_dataset import load_training_data, normalized_key
+from src.create_dataset import load_training_data
 from src.errors import KitError
 from src.tables import read_table
+from src.text import normalized_key
 
 
 def test_pairs_come_from_training_items_and_development_items_never_train():
