@@ -23,6 +23,9 @@ from safetensors.torch import load_file, save_file
 from transformers import ProgressCallback, TrainerCallback
 
 logger = logging.getLogger(__name__)
+# A smaller adapter scale must beat the adapter as trained by this much development nDCG@10 to replace it: on
+# about a hundred development queries, smaller differences are noise, and following noise costs test quality.
+MIN_SCALE_GAIN = 0.005
 TRAINABLE_FILE = "trainable_state.safetensors"  # LoRA + decoder weights, beside each checkpoint
 BEST_FILE = "best_state.safetensors"  # trainable state of the best development evaluation
 
@@ -110,7 +113,8 @@ class BestStateCallback(TrainerCallback):
 
 def choose_lora_scale(model: torch.nn.Module, evaluator, best: BestStateCallback, scales: list[float]) -> float:
     """Interpolate between the base model (scale 0) and the selected state (1) by scaling every LoRA B matrix,
-    and keep the scale with the best development nDCG@10. Fine-tuning that moved too far often does better
+    and keep the scale with the best development nDCG@10, if it beats the adapter as trained by at least
+    MIN_SCALE_GAIN (else scale 1 stays). Fine-tuning that moved too far often does better
     part of the way back (Wortsman et al., "Robust fine-tuning of zero-shot models", CVPR 2022: WiSE-FT).
     Scale 0 already competed as step 0, so only the scales in between are tried."""
     lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
@@ -129,6 +133,7 @@ def choose_lora_scale(model: torch.nn.Module, evaluator, best: BestStateCallback
         scores[scale] = dev_score(evaluator(model))
         logger.info("adapter at scale %.2f: development nDCG@10 %.4f", scale, scores[scale])
     chosen = max(scores, key=lambda k: (scores[k], k))
+    chosen = chosen if scores[chosen] - scores[1.0] >= MIN_SCALE_GAIN else 1.0
     set_scale(chosen)
     logger.info("adapter scale %.2f kept (development nDCG@10 %.4f; as trained %.4f)", chosen, scores[chosen],
                 scores[1.0])

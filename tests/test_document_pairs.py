@@ -160,6 +160,26 @@ def test_adapter_scale_zero_is_the_base_model_and_one_is_as_trained(lora_model):
     assert choose_lora_scale(model, evaluator, Best(), []) == 1.0
 
 
+def test_adapter_scale_search_keeps_the_trained_adapter_against_a_noise_sized_gain(lora_model):
+    from src.callbacks import MIN_SCALE_GAIN, BestStateCallback, choose_lora_scale
+
+    model, _ = lora_model
+    texts = DOCS[:8]
+    adapted = embed(model, texts)
+
+    class Best(BestStateCallback):
+        def __init__(self):
+            self.best, self.step = 0.5, 10
+
+    def slightly_better(m):
+        return {"eval_dev_cosine_ndcg@10": 0.5 + MIN_SCALE_GAIN / 2}
+
+    assert choose_lora_scale(model, slightly_better, Best(), [0.5]) == 1.0
+    assert torch.allclose(embed(model, texts), adapted, atol=1e-6)  # the trained adapter is back in place
+    clearly_better = {"eval_dev_cosine_ndcg@10": 0.5 + 2 * MIN_SCALE_GAIN}
+    assert choose_lora_scale(model, lambda m: clearly_better, Best(), [0.5]) == 0.5
+
+
 # ---- the documents-only default, end to end on a tiny model ----------------------------------------------
 
 
