@@ -270,6 +270,12 @@ def dev_evaluator(model: SentenceTransformer, data: TrainingData, cfg: Config):
     chosen = np.random.default_rng(cfg.train.seed).permutation(len(others))[: cfg.train.dev_distractors]
     corpus = dict(dev.corpus) | {f"t{i}": others[i] for i in chosen}
     logger.info("model selection: %d development queries among %d documents", len(dev.queries), len(corpus))
+    if not data.dev_pairs and cfg.train.dev_construction in parts(cfg.train.objective):
+        # Pairs built like the training pairs reward the training task itself: on catalog descriptions they rose
+        # while real title queries fell (README, "Documents alone").
+        logger.warning("model selection uses %s pairs of held-out documents, built like the training pairs: it "
+                       "guards against a collapse, not against a loss on real queries; judge the result with "
+                       "--eval_data (held-out real queries)", cfg.train.dev_construction)
     prompts = model.prompts or {}
     return InformationRetrievalEvaluator(
         dev.queries, corpus, {q: set(d) for q, d in dev.qrels.items()}, name="dev",

@@ -89,6 +89,23 @@ def test_auto_picks_catalog_pairs_when_the_file_has_them_and_the_documents_recip
     assert "auto -> lead" in caplog.text and "documents alone" in caplog.text
 
 
+def test_selection_on_pairs_built_like_the_training_pairs_warns_that_it_is_no_proof(caplog):
+    from types import SimpleNamespace
+
+    from src.config import Config, TrainConfig
+    from src.create_dataset import TrainingData
+    from src.objectives import dev_evaluator
+
+    docs = [f"Heading {i}\nBody sentence number {i} about topic {i % 7}. Another sentence {i}." for i in range(60)]
+    data, model = TrainingData(docs[:40], docs[40:]), SimpleNamespace(prompts={})
+    for construction, warned in (("lead", True), ("crop", False)):
+        caplog.clear()
+        cfg = Config(train=TrainConfig(objective="lead", dev_construction=construction))
+        with caplog.at_level(logging.WARNING, logger="src.objectives"):
+            assert dev_evaluator(model, data, cfg) is not None
+        assert ("built like the training pairs" in caplog.text) == warned
+
+
 def test_an_explicit_pair_objective_without_its_columns_says_what_works_for_documents():
     with pytest.raises(UsageError, match=r"--objective mnrl: needs the pair column 'title' .* docs.jsonl lacks "
                                          r"\(has: _id, text\); for plain documents use --objective auto or lead"):
