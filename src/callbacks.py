@@ -84,9 +84,9 @@ class BestStateCallback(TrainerCallback):
 
     def __init__(self, model: torch.nn.Module, folder: Path):
         self.model, self.file, self.record = model, folder / BEST_FILE, folder / "best.json"
-        self.best = json.loads(self.record.read_text())["dev_ndcg@10"] if self.record.exists() else -math.inf
+        saved = json.loads(self.record.read_text()) if self.record.exists() else {}  # a resumed run's best so far
+        self.best, self.step = saved.get("dev_ndcg@10", -math.inf), saved.get("step")
         self.history: list[tuple[int, float]] = []
-        self.step = json.loads(self.record.read_text())["step"] if self.record.exists() else None
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
         score = dev_score(metrics or {})

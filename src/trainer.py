@@ -185,15 +185,16 @@ def select_state(trainer: KitTrainer, best: BestStateCallback | None, cfg: Confi
     restored (step 0 = the base model unchanged), then the adapter scale is chosen (main process only)."""
     if best is None:
         return {"selected": None, "lora_scale": 1.0, "dev_ndcg@10_by_step": None}
-    step = trainer.state.global_step
+    step, main_process = trainer.state.global_step, trainer.is_world_process_zero()
     if not best.history or best.history[-1][0] != step:
-        best.consider(step, dev_score(trainer.evaluator(trainer.model)), trainer.is_world_process_zero())
-    selected = best.restore() if trainer.is_world_process_zero() else None
+        best.consider(step, dev_score(trainer.evaluator(trainer.model)), main_process)
+    if not main_process:
+        return {"selected": None, "lora_scale": 1.0, "dev_ndcg@10_by_step": best.history}
+    selected = best.restore()
     if selected is not None and selected["step"] == 0:
         logger.warning("no training step beat the base model on the development pairs: the saved model is the "
                        "base model unchanged")
-    scale = (choose_lora_scale(trainer.model, trainer.evaluator, best, cfg.train.lora_scale_values())
-             if trainer.is_world_process_zero() else 1.0)
+    scale = choose_lora_scale(trainer.model, trainer.evaluator, best, cfg.train.lora_scale_values())
     return {"selected": selected, "lora_scale": scale, "dev_ndcg@10_by_step": best.history}
 
 

@@ -151,17 +151,21 @@ def test_disabled_adapter_embeddings_equal_the_base_model(lora_model):
     assert torch.equal(embed(model, texts), adapted)  # and it is back on afterwards
 
 
+def selected_at_step_10():
+    """Model selection's outcome without a run: step 10 kept, at development nDCG@10 0.5."""
+    from src.callbacks import BestStateCallback
+
+    best = BestStateCallback.__new__(BestStateCallback)
+    best.best, best.step = 0.5, 10
+    return best
+
+
 def test_adapter_scale_zero_is_the_base_model_and_one_is_as_trained(lora_model):
-    from src.callbacks import BestStateCallback, choose_lora_scale
+    from src.callbacks import choose_lora_scale
 
     model, base = lora_model
     texts = DOCS[:8]
     adapted = embed(model, texts)
-
-    class Best(BestStateCallback):
-        def __init__(self):
-            self.best, self.step = 0.5, 10
-
     seen = []
 
     def evaluator(m):  # development score: highest when the model is the base model
@@ -169,32 +173,28 @@ def test_adapter_scale_zero_is_the_base_model_and_one_is_as_trained(lora_model):
         distance = (seen[-1] - embed(base, texts)).abs().max().item()
         return {"eval_dev_cosine_ndcg@10": 1.0 - distance}
 
-    scale = choose_lora_scale(model, evaluator, Best(), [0.0, 0.5])
+    scale = choose_lora_scale(model, evaluator, selected_at_step_10(), [0.0, 0.5])
     assert scale == 0.0
     assert torch.allclose(seen[0], embed(base, texts), atol=1e-5)  # scale 0 = the base model
     assert not torch.allclose(seen[1], adapted, atol=1e-3)  # scale 0.5 is in between
     assert torch.allclose(embed(model, texts), embed(base, texts), atol=1e-5)  # the chosen scale stays set
-    assert choose_lora_scale(model, evaluator, Best(), []) == 1.0
+    assert choose_lora_scale(model, evaluator, selected_at_step_10(), []) == 1.0
 
 
 def test_adapter_scale_search_keeps_the_trained_adapter_against_a_noise_sized_gain(lora_model):
-    from src.callbacks import MIN_SCALE_GAIN, BestStateCallback, choose_lora_scale
+    from src.callbacks import MIN_SCALE_GAIN, choose_lora_scale
 
     model, _ = lora_model
     texts = DOCS[:8]
     adapted = embed(model, texts)
 
-    class Best(BestStateCallback):
-        def __init__(self):
-            self.best, self.step = 0.5, 10
-
     def slightly_better(m):
         return {"eval_dev_cosine_ndcg@10": 0.5 + MIN_SCALE_GAIN / 2}
 
-    assert choose_lora_scale(model, slightly_better, Best(), [0.5]) == 1.0
+    assert choose_lora_scale(model, slightly_better, selected_at_step_10(), [0.5]) == 1.0
     assert torch.allclose(embed(model, texts), adapted, atol=1e-6)  # the trained adapter is back in place
     clearly_better = {"eval_dev_cosine_ndcg@10": 0.5 + 2 * MIN_SCALE_GAIN}
-    assert choose_lora_scale(model, lambda m: clearly_better, Best(), [0.5]) == 0.5
+    assert choose_lora_scale(model, lambda m: clearly_better, selected_at_step_10(), [0.5]) == 0.5
 
 
 # ---- the documents-only default, end to end on a tiny model ----------------------------------------------
