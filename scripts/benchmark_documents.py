@@ -12,7 +12,10 @@ a run folder to redo it), so the table can be built over several sessions.
 
 Agreement of the development signal (what model selection sees) with the test: across all runs, the rank
 correlation (Spearman) of the development gain (selected or final development nDCG@10 minus step 0's) with the
-held-out test gain. Writes results.json and results.md to --output_dir and prints the table.
+held-out test gain; with --monitor, each run also scores the test at every development evaluation
+(`--monitor_data`, never selected on), and the rank correlation of development and test gains over every
+evaluated checkpoint of every run is reported too. Writes results.json and results.md to --output_dir and
+prints the table.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ TEST_FOLDERS = {"ru_catalog_docs": ROOT / "data" / "ru_catalog" / "test"}  # the
 NO_GUARD = ["--select_best", "false", "--lora_scales", ""]
 RECIPES = {
     "auto": [],  # the default command
+    "lead-devlead": ["--objective", "lead", "--dev_construction", "lead"],  # selected on pairs built like its own
     "lead": ["--objective", "lead"],
     "ict": ["--objective", "ict"],
     "crop": ["--objective", "crop"],
@@ -60,11 +64,16 @@ def collections(names: str) -> list[str]:
     return wanted
 
 
-def train(collection: str, recipe: str, folder: Path) -> dict:
+def test_folder(collection: str) -> Path:
+    return TEST_FOLDERS.get(collection, DEV / collection / "test")
+
+
+def train(collection: str, recipe: str, folder: Path, monitor: bool) -> dict:
     """The kit's command for one recipe on one collection's documents; its run.json."""
     if not (folder / "run.json").exists():
+        watch = ["--monitor_data", str(test_folder(collection))] if monitor and "noguard" not in recipe else []
         command = [sys.executable, "-m", "src.trainer", "--train_file", str(DEV / collection / "train.jsonl"),
-                   "--eval_data", "", "--output_dir", str(folder), "--overwrite", *RECIPES[recipe]]
+                   "--eval_data", "", "--output_dir", str(folder), "--overwrite", *RECIPES[recipe], *watch]
         print(f"--- {collection} / {recipe}: {' '.join(command[1:])}", flush=True)
         subprocess.run(command, cwd=ROOT, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     return json.loads((folder / "run.json").read_text())
@@ -91,11 +100,18 @@ def dev_gain(run: dict) -> float | None:
     return shipped - history[0][1]
 
 
-def evaluate(collection: str, recipe: str, folder: Path, data, base, cfg: EvalConfig) -> dict:
+def checkpoint_gains(run: dict) -> list[tuple[float, float]]:
+    """(development gain, monitored test gain) over step 0 at every evaluated checkpoint of a monitored run."""
+    dev, test = dict(map(tuple, run.get("dev_ndcg@10_by_step") or [])), run.get("monitor_ndcg@10_by_step") or []
+    test = dict(map(tuple, test))
+    return [(dev[s] - dev[0], test[s] - test[0]) for s in sorted(set(dev) & set(test)) if s] if 0 in test else []
+
+
+def evaluate(collection: str, recipe: str, folder: Path, data, base, cfg: EvalConfig, monitor: bool) -> dict:
     cache = folder / "benchmark_row.json"
     if cache.exists():
         return json.loads(cache.read_text())
-    run = train(collection, recipe, folder)
+    run = train(collection, recipe, folder, monitor)
     result = evaluate_model(load_model(str(folder / "merged")), data, cfg)
     c = compare(result["per_query"], base, cfg.bootstrap_samples, seed=0)
     row = {"collection": collection, "recipe": recipe, "objective": run["objective"],
@@ -104,16 +120,16 @@ def evaluate(collection: str, recipe: str, folder: Path, data, base, cfg: EvalCo
            "p_value": c[MAIN_METRIC]["p_value"], "verdict": verdict(c), "train_seconds": run["train_seconds"],
            "peak_memory_gb": run.get("peak_memory_gb"), "selected_step": (run.get("selected") or {}).get("step"),
            "steps": run["steps"], "lora_scale": run.get("lora_scale"), "dev_gain": dev_gain(run),
+           "checkpoint_gains": [[100 * d, 100 * t] for d, t in checkpoint_gains(run)],
            "command": "python -m src.trainer --train_file data/dev/" + collection + "/train.jsonl "
                       + " ".join(repr(a) if not a else a for a in RECIPES[recipe])}
     cache.write_text(json.dumps(row, indent=2) + "\n")
     return row
 
 
-def spearman(rows: list[dict]) -> tuple[float | None, int]:
+def spearman(points: list) -> tuple[float | None, int]:
     from scipy.stats import spearmanr
 
-    points = [(r["dev_gain"], r["difference"]) for r in rows if r["dev_gain"] is not None]
     if len(points) < 3:
         return None, len(points)
     return float(spearmanr(*zip(*points)).statistic), len(points)
@@ -133,9 +149,9 @@ def markdown(rows: list[dict], agreement: tuple) -> str:
         by_recipe.setdefault(r["recipe"], []).append(r["difference"])
     lines += ["", "| recipe | collections | mean difference |", "|---|---|---|"]
     lines += [f"| {k} | {len(v)} | {sum(v) / len(v):+.2f} |" for k, v in by_recipe.items()]
-    rho, n = agreement
-    lines += ["", f"Development gain vs test gain, Spearman rho over {n} runs: "
-              + (f"{rho:+.2f}" if rho is not None else "n/a (fewer than 3 runs)")]
+    for what, (rho, n) in agreement.items():
+        lines += ["", f"Development gain vs test gain, Spearman rho over {n} {what}: "
+                  + (f"{rho:+.2f}" if rho is not None else "n/a (fewer than 3)")]
     return "\n".join(lines) + "\n"
 
 
@@ -144,6 +160,8 @@ def main() -> None:
     parser.add_argument("--collections", default="", help="comma-separated names under data/dev/ ('' = all)")
     parser.add_argument("--recipes", default=",".join(RECIPES), help=f"comma-separated, of: {', '.join(RECIPES)}")
     parser.add_argument("--output_dir", default="runs/bench-documents")
+    parser.add_argument("--monitor", action="store_true", help="score the test at every development evaluation of "
+                        "each run (slower), for the agreement over checkpoints")
     args = parser.parse_args()
     recipes = comma_list(args.recipes)
     unknown = [r for r in recipes if r not in RECIPES]
@@ -152,14 +170,15 @@ def main() -> None:
     out, cfg = ROOT / args.output_dir, EvalConfig()
     rows = []
     for collection in collections(args.collections):
-        data = load_retrieval_data(str(TEST_FOLDERS.get(collection, DEV / collection / "test")))
+        data = load_retrieval_data(str(test_folder(collection)))
         base = base_result(collection, data, cfg, out / collection)
         for recipe in recipes:
-            rows.append(evaluate(collection, recipe, out / collection / recipe, data, base, cfg))
-            print(markdown(rows[-1:], (None, 0)).splitlines()[2], flush=True)
-    agreement = spearman(rows)
-    (out / "results.json").write_text(json.dumps({"rows": rows, "spearman_dev_vs_test": agreement[0],
-                                                  "runs_correlated": agreement[1]}, indent=2) + "\n")
+            rows.append(evaluate(collection, recipe, out / collection / recipe, data, base, cfg, args.monitor))
+            print(markdown(rows[-1:], {}).splitlines()[2], flush=True)
+    agreement = {"runs (shipped state)": spearman([(r["dev_gain"], r["difference"]) for r in rows
+                                                   if r["dev_gain"] is not None]),
+                 "checkpoints (monitored runs)": spearman([p for r in rows for p in r.get("checkpoint_gains", [])])}
+    (out / "results.json").write_text(json.dumps({"rows": rows, "spearman_dev_vs_test": agreement}, indent=2) + "\n")
     (out / "results.md").write_text(markdown(rows, agreement))
     print(markdown(rows, agreement))
 

@@ -80,21 +80,25 @@ class DecoderWarmupCallback(TrainerCallback):
 class BestStateCallback(TrainerCallback):
     """Model selection: after each development evaluation, keep the trainable state with the best development
     nDCG@10 (on disk, so a resumed run remembers it). Step 0 is the base model itself (LoRA starts as a no-op),
-    so when training never beats the base on development data, the base is what gets restored."""
+    so when training never beats the base on development data, the base is what gets restored. The monitor's
+    scores (--monitor_data), when there are any, are recorded beside the development scores and never selected on."""
 
     def __init__(self, model: torch.nn.Module, folder: Path):
         self.model, self.file, self.record = model, folder / BEST_FILE, folder / "best.json"
         saved = json.loads(self.record.read_text()) if self.record.exists() else {}  # a resumed run's best so far
         self.best, self.step = saved.get("dev_ndcg@10", -math.inf), saved.get("step")
         self.history: list[tuple[int, float]] = []
+        self.monitor: list[tuple[int, float]] = []
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
-        score = dev_score(metrics or {})
-        if score is not None:
-            self.consider(state.global_step, score, state.is_world_process_zero)
+        if dev_score(metrics or {}) is not None:
+            self.consider(state.global_step, metrics, state.is_world_process_zero)
 
-    def consider(self, step: int, score: float, main_process: bool = True) -> None:
+    def consider(self, step: int, metrics: dict, main_process: bool = True) -> None:
+        score, watched = dev_score(metrics), dev_score(metrics, "monitor_")
         self.history.append((step, score))
+        if watched is not None:
+            self.monitor.append((step, watched))
         if score > self.best and main_process:
             self.best, self.step = score, step
             save_trainable_state(self.model, self.file)
@@ -140,8 +144,10 @@ def choose_lora_scale(model: torch.nn.Module, evaluator, best: BestStateCallback
     return chosen
 
 
-def dev_score(metrics: dict) -> float | None:
-    return next((v for k, v in metrics.items() if "dev_" in k and k.endswith("ndcg@10")), None)
+def dev_score(metrics: dict, evaluator: str = "dev_") -> float | None:
+    """nDCG@10 of one evaluator's metrics (named `dev` for model selection, `monitor` for --monitor_data)."""
+    return next((v for k, v in metrics.items() if k.startswith((evaluator, "eval_" + evaluator))
+                 and k.endswith("ndcg@10")), None)
 
 
 def trainable_state(module: torch.nn.Module) -> dict:

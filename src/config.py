@@ -129,29 +129,29 @@ class TrainConfig(Settings):
     gradient_checkpointing: bool = help_field(
         "Recompute activations in backward: less peak memory (far less for large encoders) for a slower step "
         "(README, memory). Turn off (--gradient_checkpointing false) when memory is plentiful.", default=True)
-    decoder_vocab: Literal["corpus", "full"] = help_field(
-        "Decoder softmax over the token ids that occur in the training texts (all targets lie there; much "
-        "faster) or over the whole vocabulary.", default="corpus")
+    decoder_vocab: Literal["corpus", "full"] = help_field("Decoder softmax over the token ids of the training texts "
+                                                          "(all targets lie there; faster) or all.", default="corpus")
     decoder_warmup_steps: int = help_field("TSDAE: optimizer steps during which only the decoder's new weights learn "
                                            "(the encoder's adapters wait).", default=0)
     mnrl_scale: float = help_field("mnrl/simcse: similarity scale (inverse temperature) of the in-batch softmax.",
                                    default=20.0)
-    loss_chunk_tokens: int = help_field("Compute the reconstruction loss over this many target tokens at a time, "
-                                        "recomputing logits in backward, so batch x length x vocab is never held.",
-                                        default=512)
+    loss_chunk_tokens: int = help_field("Reconstruction loss over this many target tokens at a time, logits "
+                                        "recomputed in backward: batch x length x vocab is never held.", default=512)
     device: Literal["auto", "cpu", "cuda"] = help_field("Where to train.", default="auto")
     bf16: Literal["auto", "yes", "no"] = help_field(
         "bf16 mixed precision (weights and optimizer stay fp32). auto: on GPUs that support it and on CPUs with "
-        "native bf16 (AVX512-BF16/AMX), where it is faster; no: fp32 throughout.",
-        default="auto")
+        "native bf16 (AVX512-BF16/AMX), where it is faster; no: fp32 throughout.", default="auto")
     logging_steps: int = help_field("Log the loss every N steps.", default=10)
     save_steps: int = help_field("Write a resumable checkpoint every N steps.", default=50)
-    eval_steps: int = help_field("Evaluate on the development split every N steps.", default=20)
-    select_best: bool = help_field("Keep the state with the best development nDCG@10 (step 0 = the base model), on "
-                                   "development pairs of held-out items (--pair_columns) or, for documents alone, "
-                                   "built from held-out documents by --dev_construction.", default=True)
-    dev_construction: Literal["lead", "ict", "crop"] = help_field(
-        "How development pairs are built from held-out documents when the file has no pair columns.", default="lead")
+    eval_steps: int = help_field("Evaluate on the development split every N steps.", default=10)
+    select_best: bool = help_field("Keep the state with the best development nDCG@10 (step 0 = the base model): "
+                                   "held-out items' --pair_columns, or pairs of held-out documents.", default=True)
+    dev_construction: Literal["auto", "lead", "ict", "crop"] = help_field(
+        "How development pairs are built from held-out documents when the file has no pair columns. auto: crop, or "
+        "lead when the objective trains on crop (never the pairs the model trains on; README).", default="auto")
+    monitor_data: str = help_field("Labelled held-out data (as --eval_data) scored at every development evaluation "
+                                   "and logged, never selected on: does the development signal agree with real "
+                                   "queries? '' = off.", default="")
     lora_scales: str = help_field("After selection, also try the adapter at these fractions of its strength "
                                   "(comma-separated, between 0 = the base and 1 = as trained) on the development "
                                   "pairs, and keep the best; '' = off.", default="0.5")
@@ -180,6 +180,7 @@ class TrainConfig(Settings):
                      f"must be auto or distinct parts of {', '.join(OBJECTIVE_PARTS)} joined by '+'")
         check_option(all(0 < s < 1 for s in self.lora_scale_values()), "lora_scales",
                      "must be numbers between 0 and 1, comma-separated")
+        check_option(self.select_best or not self.monitor_data, "monitor_data", "needs --select_best true")
 
     def lora_scale_values(self) -> list[float]:
         try:

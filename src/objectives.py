@@ -12,8 +12,7 @@ in proportion (the trainer's multi-dataset mode). The parts:
 
 All but tsdae use in-batch negatives (MultipleNegativesRankingLoss). `auto`, the default, picks `mnrl` when the
 training file has the pair columns and DOCUMENTS_DEFAULT otherwise (README: measured on every development
-collection). Model selection always runs on development pairs: the pair columns of held-out items, or, for
-documents alone, pairs built by --dev_construction from held-out documents (see `development_pairs`).
+collection). Model selection, on development pairs, is src/selection.py.
 """
 
 from __future__ import annotations
@@ -23,11 +22,9 @@ import logging
 from dataclasses import dataclass
 from typing import Callable
 
-import numpy as np
 import torch
 from sentence_transformers import SentenceTransformer
 from sentence_transformers.base.losses.merged_forward import embed_columns
-from sentence_transformers.sentence_transformer.evaluation import InformationRetrievalEvaluator
 from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
 
 from src.config import OBJECTIVE_PARTS, Config
@@ -35,12 +32,10 @@ from src.create_dataset import TrainingData
 from src.document_pairs import DocumentPairs, document_pairs_dataset
 from src.errors import UsageError
 from src.noise import WordNoise, noisy_dataset
-from src.retrieval_data import pairs_to_retrieval
 from src.tsdae import TSDAELoss, corpus_vocabulary
 
 logger = logging.getLogger(__name__)
 
-DEV_METRIC = "eval_dev_cosine_ndcg@10"  # InformationRetrievalEvaluator(name="dev"), as the trainer logs it
 DOCUMENTS_DEFAULT = "lead"  # what `auto` trains on documents alone: the best measured recipe (README)
 
 
@@ -240,44 +235,3 @@ def build_objective(cfg: Config, model: SentenceTransformer, data: TrainingData)
     dev = {p: b.dev for p, b in built.items() if b.dev is not None} or None
     return Objective({p: b.train for p, b in built.items()}, dev, {p: b.loss for p, b in built.items()},
                      {p: b.prompts for p, b in built.items()}, decoder, epoch_aware)
-
-
-# --------------------------------------------------------------------------------------------------------
-# Model selection
-
-
-def development_pairs(data: TrainingData, construction: str, seed: int) -> tuple[list, list[str]]:
-    """The development pairs and the pool of distractor documents: the held-out items' pair columns when the
-    file has them; for documents alone, pairs built by `construction` from held-out documents (which never
-    train), among the positive sides built the same way from training documents."""
-    if data.dev_pairs:
-        return data.dev_pairs, sorted({d for _, d in data.pairs})
-    dev = DocumentPairs(construction, seed + 1)
-    pool = DocumentPairs(construction, seed + 2)
-    pairs = [dev(t, i) for i, t in enumerate(data.dev_texts)]
-    return [(q, d) for q, d in pairs if q != d], [pool(t, i)[1] for i, t in enumerate(data.texts)]
-
-
-def dev_evaluator(model: SentenceTransformer, data: TrainingData, cfg: Config):
-    """nDCG@10 of the development queries against their documents, among up to --dev_distractors others
-    (without them, ~100 documents make the task too easy to tell checkpoints apart): the model-selection
-    signal. Development items are excluded from training, and the held-out test pairs are never looked at."""
-    pairs, pool = development_pairs(data, cfg.train.dev_construction, cfg.train.seed)
-    if len(pairs) < 10:
-        return None
-    dev = pairs_to_retrieval(pairs, "development pairs")
-    others = sorted(set(pool) - set(dev.corpus.values()))
-    chosen = np.random.default_rng(cfg.train.seed).permutation(len(others))[: cfg.train.dev_distractors]
-    corpus = dict(dev.corpus) | {f"t{i}": others[i] for i in chosen}
-    logger.info("model selection: %d development queries among %d documents", len(dev.queries), len(corpus))
-    if not data.dev_pairs and cfg.train.dev_construction in parts(cfg.train.objective):
-        # Pairs built like the training pairs reward the training task itself: on catalog descriptions they rose
-        # while real title queries fell (README, "Documents alone").
-        logger.warning("model selection uses %s pairs of held-out documents, built like the training pairs: it "
-                       "guards against a collapse, not against a loss on real queries; judge the result with "
-                       "--eval_data (held-out real queries)", cfg.train.dev_construction)
-    prompts = model.prompts or {}
-    return InformationRetrievalEvaluator(
-        dev.queries, corpus, {q: set(d) for q, d in dev.qrels.items()}, name="dev",
-        batch_size=cfg.eval.eval_batch_size, query_prompt=prompts.get("query"), corpus_prompt=prompts.get("passage"),
-        ndcg_at_k=[10], mrr_at_k=[10], accuracy_at_k=[1], precision_recall_at_k=[10], map_at_k=[100])

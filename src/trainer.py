@@ -37,7 +37,6 @@ from src.callbacks import (
     TrainableStateCallback,
     TrainingBarOnly,
     choose_lora_scale,
-    dev_score,
     last_complete_checkpoint,
     load_trainable_state,
 )
@@ -48,7 +47,6 @@ from src.errors import KitError, UsageError, run_cli
 from src.model_builder import bf16_enabled, build_model, pick_device, world_rank, world_size
 from src.objectives import (
     build_objective,
-    dev_evaluator,
     needs_pairs,
     needs_texts,
     parts,
@@ -59,6 +57,7 @@ from src.plots import plot_loss
 from src.retrieval_data import RetrievalData, load_retrieval_data
 from src.run_folder import finalize_run_folder, partial_folder, prepare_run_folder, save_models
 from src.run_summary import summary_lines, training_counts
+from src.selection import selection_evaluator
 from src.tables import read_table
 
 logger = logging.getLogger(__name__)
@@ -111,14 +110,15 @@ def training_arguments(cfg: Config, folder: Path, device: str, has_dev: bool, pr
     )
 
 
-def build_trainer(cfg: Config, model, data: TrainingData, folder: Path, device: str):
-    """The objective's datasets and loss, the development evaluator and the kit's callbacks, in one trainer."""
+def build_trainer(cfg: Config, model, data: TrainingData, folder: Path, device: str, monitor: RetrievalData | None):
+    """The objective's datasets and loss, the development evaluator (and monitor) and the kit's callbacks, in one
+    trainer."""
     objective = build_objective(cfg, model, data)
     if objective.decoder is not None:
         # Registered under the Transformer module, so data-parallel wrappers see (and all-reduce) its weights
         # and the checkpoints include them.
         model[0].tsdae_decoder = objective.decoder
-    evaluator = dev_evaluator(model, data, cfg) if cfg.train.select_best else None
+    evaluator = selection_evaluator(model, data, cfg, monitor) if cfg.train.select_best else None
     callbacks = [TrainableStateCallback(model), StopOnSignalCallback(), EpochCallback(objective.epoch_aware)]
     if objective.decoder is not None and cfg.train.decoder_warmup_steps:
         decoder_ids = {id(p) for p in objective.decoder.parameters()}
@@ -158,10 +158,10 @@ def run_training(trainer: KitTrainer, checkpoint: str | None, cfg: Config):
     return result
 
 
-def read_inputs(cfg: Config) -> tuple[str, TrainingData, RetrievalData | None]:
-    """The training file (read once: its columns decide `--objective auto`, which this resolves in `cfg`) and the
-    evaluation data, both checked before any folder or model exists, so that bad data fails in seconds, not after
-    the training. Returns the objective as requested, the training data and the evaluation data."""
+def read_inputs(cfg: Config) -> tuple[str, TrainingData, RetrievalData | None, RetrievalData | None]:
+    """The training file (read once: its columns decide `--objective auto`, which this resolves in `cfg`), the
+    evaluation data and the monitor's, all checked before any folder or model exists, so that bad data fails in
+    seconds, not after the training. Returns the objective as requested, the training, evaluation and monitor data."""
     requested = cfg.train.objective
     frame = read_table(cfg.data.train_file, cfg.data.text_column)
     cfg.train.objective = resolve_objective(requested, [str(c) for c in frame.columns],
@@ -175,9 +175,9 @@ def read_inputs(cfg: Config) -> tuple[str, TrainingData, RetrievalData | None]:
                               needs_pairs(cfg.train.objective), frame)
     logger.info("objective %s: %s", cfg.train.objective, training_counts(cfg.train.objective, len(data.texts),
                 len(data.pairs), len(data.dev_texts), len(data.dev_pairs)))
-    eval_data = (load_retrieval_data(cfg.eval.eval_data, cfg.eval.query_column, cfg.eval.document_column)
-                 if cfg.eval.eval_data else None)
-    return requested, data, eval_data
+    eval_data, monitor = (load_retrieval_data(path, cfg.eval.query_column, cfg.eval.document_column) if path else None
+                          for path in (cfg.eval.eval_data, cfg.train.monitor_data))
+    return requested, data, eval_data, monitor
 
 
 def select_state(trainer: KitTrainer, best: BestStateCallback | None, cfg: Config) -> dict:
@@ -187,15 +187,16 @@ def select_state(trainer: KitTrainer, best: BestStateCallback | None, cfg: Confi
         return {"selected": None, "lora_scale": 1.0, "dev_ndcg@10_by_step": None}
     step, main_process = trainer.state.global_step, trainer.is_world_process_zero()
     if not best.history or best.history[-1][0] != step:
-        best.consider(step, dev_score(trainer.evaluator(trainer.model)), main_process)
+        best.consider(step, trainer.evaluator(trainer.model), main_process)
+    history = {"dev_ndcg@10_by_step": best.history, "monitor_ndcg@10_by_step": best.monitor or None}
     if not main_process:
-        return {"selected": None, "lora_scale": 1.0, "dev_ndcg@10_by_step": best.history}
+        return {"selected": None, "lora_scale": 1.0, **history}
     selected = best.restore()
     if selected is not None and selected["step"] == 0:
         logger.warning("no training step beat the base model on the development pairs: the saved model is the "
                        "base model unchanged")
     scale = choose_lora_scale(trainer.model, trainer.evaluator, best, cfg.train.lora_scale_values())
-    return {"selected": selected, "lora_scale": scale, "dev_ndcg@10_by_step": best.history}
+    return {"selected": selected, "lora_scale": scale, **history}
 
 
 def run_record(cfg: Config, requested: str, data: TrainingData, trainer: KitTrainer, result, selection: dict,
@@ -225,17 +226,17 @@ def train(cfg: Config) -> Path:
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     device = pick_device(cfg.train.device)
-    requested, data, eval_data = read_inputs(cfg)
+    requested, data, eval_data, monitor = read_inputs(cfg)
     folder = prepare_run_folder(cfg) if world_rank() == 0 else partial_folder(cfg)
     if world_rank() == 0:
         cfg.save(folder / "config.json")
     model = build_model(cfg.model, device, cfg.train.gradient_checkpointing)
-    trainer, best = build_trainer(cfg, model, data, folder, device)
+    trainer, best = build_trainer(cfg, model, data, folder, device, monitor)
     checkpoint = last_complete_checkpoint(Path(trainer.args.output_dir)) if cfg.train.resume else None
     if cfg.train.resume and checkpoint is None:
         logger.warning("--resume: no checkpoint in %s, starting from the beginning", trainer.args.output_dir)
     if best is not None and checkpoint is None:  # step 0, the base model: the bar training has to clear
-        best.consider(0, dev_score(trainer.evaluator(model)), trainer.is_world_process_zero())
+        best.consider(0, trainer.evaluator(model), trainer.is_world_process_zero())
     result = run_training(trainer, checkpoint, cfg)
     if hasattr(model[0], "tsdae_decoder"):
         del model[0].tsdae_decoder

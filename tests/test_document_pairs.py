@@ -13,7 +13,8 @@ from src.config import DataConfig, ModelConfig
 from src.create_dataset import load_training_data
 from src.document_pairs import CONSTRUCTIONS, DocumentPairs, document_pairs_dataset
 from src.errors import UsageError
-from src.objectives import DOCUMENTS_DEFAULT, development_pairs, resolve_objective
+from src.objectives import DOCUMENTS_DEFAULT, resolve_objective
+from src.selection import dev_construction, development_pairs
 from src.text import normalized_key, tokenize
 
 DOCS = [json.loads(line)["description"] for line in RU_TRAIN.read_text(encoding="utf-8").splitlines()[:200]]
@@ -89,20 +90,26 @@ def test_auto_picks_catalog_pairs_when_the_file_has_them_and_the_documents_recip
     assert "auto -> lead" in caplog.text and "documents alone" in caplog.text
 
 
-def test_selection_on_pairs_built_like_the_training_pairs_warns_that_it_is_no_proof(caplog):
+def test_development_pairs_are_never_built_like_the_training_pairs_unless_asked(caplog):
     from types import SimpleNamespace
 
     from src.config import Config, TrainConfig
     from src.create_dataset import TrainingData
-    from src.objectives import dev_evaluator
+    from src.selection import dev_evaluator
 
+    def cfg(objective, construction="auto"):
+        return Config(train=TrainConfig(objective=objective, dev_construction=construction))
+
+    # README "Documents alone": lead development pairs rose while real queries fell; crop pairs fell with them
+    assert [dev_construction(cfg(o)) for o in ("lead", "ict", "tsdae+lead", "crop", "lead+crop")] == [
+        "crop", "crop", "crop", "lead", "lead"]
+    assert dev_construction(cfg("lead", "ict")) == "ict"
     docs = [f"Heading {i}\nBody sentence number {i} about topic {i % 7}. Another sentence {i}." for i in range(60)]
     data, model = TrainingData(docs[:40], docs[40:]), SimpleNamespace(prompts={})
-    for construction, warned in (("lead", True), ("crop", False)):
+    for construction, warned in (("lead", True), ("crop", False), ("auto", False)):
         caplog.clear()
-        cfg = Config(train=TrainConfig(objective="lead", dev_construction=construction))
-        with caplog.at_level(logging.WARNING, logger="src.objectives"):
-            assert dev_evaluator(model, data, cfg) is not None
+        with caplog.at_level(logging.WARNING, logger="src.selection"):
+            assert dev_evaluator(model, data, cfg("lead", construction)) is not None
         assert ("built like the training pairs" in caplog.text) == warned
 
 
@@ -200,17 +207,27 @@ def test_adapter_scale_search_keeps_the_trained_adapter_against_a_noise_sized_ga
 # ---- the documents-only default, end to end on a tiny model ----------------------------------------------
 
 
-def test_auto_on_documents_trains_lead_with_selection_scale_search_and_the_anchor(tmp_path, tiny_xlmr, documents_file):
+def test_auto_on_documents_trains_lead_with_selection_scale_search_anchor_and_monitor(tmp_path, tiny_xlmr,
+                                                                                      documents_file):
     from src.config import Config, EvalConfig, OutputConfig, TrainConfig
     from src.trainer import train
 
+    monitor = tmp_path / "monitor.csv"  # labelled pairs, scored at every evaluation and never selected on
+    pd.DataFrame({"query": [d.split(".")[0] for d in DOCS[:30]], "document": DOCS[:30]}).to_csv(monitor, index=False)
     cfg = Config(data=DataConfig(train_file=str(documents_file), validation_fraction=0.1),
                  model=ModelConfig(model_name_or_path=str(tiny_xlmr), max_seq_length=48),
                  train=TrainConfig(batch_size=8, learning_rate=1e-3, max_steps=4, eval_steps=2, save_steps=50,
-                                   dev_distractors=50, anchor_weight=1.0, lora_scales="0.5"),
+                                   dev_distractors=50, anchor_weight=1.0, lora_scales="0.5",
+                                   monitor_data=str(monitor)),
                  eval=EvalConfig(eval_data=""), output=OutputConfig(output_dir=str(tmp_path / "auto")))
-    run = json.loads((train(cfg) / "run.json").read_text())
+    folder = train(cfg)
+    run = json.loads((folder / "run.json").read_text())
     assert (run["objective_requested"], run["objective"]) == ("auto", "lead")
     assert [step for step, _ in run["dev_ndcg@10_by_step"]] == [0, 2, 4]
+    assert [step for step, _ in run["monitor_ndcg@10_by_step"]] == [0, 2, 4]
+    assert all(0 <= score <= 1 for _, score in run["monitor_ndcg@10_by_step"])
+    assert run["selected"]["dev_ndcg@10"] == max(score for _, score in run["dev_ndcg@10_by_step"])
+    logged = json.loads((folder / "training_log.json").read_text())
+    assert sum("eval_monitor_cosine_ndcg@10" in h for h in logged) == 2  # steps 2 and 4 (step 0 precedes the log)
     assert run["lora_scale"] in (0.5, 1.0) if run["selected"]["step"] else run["lora_scale"] == 1.0
     assert run["peak_memory_gb"] > 0
