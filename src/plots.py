@@ -62,10 +62,12 @@ def _difference_panel(ax, comparison: dict, names: list[str]) -> None:
 
 
 def plot_loss(path: Path, log_history: list[dict], objective: str, run_name: str,
-              dev_history: list | None = None, selected_step: int | None = None, lora_scale: float = 1.0) -> None:
+              dev_history: list | None = None, selected_step: int | None = None, lora_scale: float = 1.0,
+              monitor_history: list | None = None) -> None:
     """loss.png, panels sharing the step axis: training loss; development loss (its own panel: another loss, on
     other data, logged at other steps); development nDCG@10, the model-selection signal, with step 0 (the base)
-    and the selected step marked. Panels without data are left out (a run without development evaluation)."""
+    and the selected step marked, and the --monitor_data nDCG@10 beside it when there is one. Panels without data
+    are left out (a run without development evaluation)."""
     from matplotlib.ticker import MaxNLocator
 
     plt = pyplot()
@@ -82,7 +84,7 @@ def plot_loss(path: Path, log_history: list[dict], objective: str, run_name: str
         _line(axes["dev"], points, f"development loss{' (' + part + ')' if part else ''}", "development loss",
               f"C{i + 1}", marker="o")
     if dev_history:
-        _dev_ndcg_panel(axes["ndcg"], dev_history, selected_step, lora_scale)
+        _dev_ndcg_panel(axes["ndcg"], dev_history, selected_step, lora_scale, monitor_history)
     note = "" if dev_history else "\n(no model selection: the last step is saved)"
     fig.suptitle(f"{run_name}: objective {objective}{note}")
     last = axes[panels[-1]]
@@ -101,16 +103,20 @@ def _line(ax, points: list, label: str, ylabel: str, color: str, marker: str | N
     ax.grid(alpha=0.3)
 
 
-def _dev_ndcg_panel(ax, dev_history: list, selected_step: int | None, lora_scale: float) -> None:
+def _dev_ndcg_panel(ax, dev_history: list, selected_step: int | None, lora_scale: float,
+                    monitor_history: list | None) -> None:
     """Development nDCG@10 (x100, the report's scale) by step; step 0 is the base model itself."""
     steps, scores = zip(*[(s, 100 * v) for s, v in dev_history])
     ax.plot(steps, scores, marker="o", color="C3", label="development nDCG@10")
+    if monitor_history:
+        ax.plot(*zip(*[(s, 100 * v) for s, v in monitor_history]), marker="s", color="C4",
+                label="monitored nDCG@10 (never selected on)")
     if 0 in steps:
         ax.annotate("base (step 0)", (0, scores[steps.index(0)]), textcoords="offset points", xytext=(6, 6))
     if selected_step is not None:
         scale = f", adapter scale {lora_scale:g}" if lora_scale != 1.0 else ""
         ax.axvline(selected_step, color="k", linestyle="--", label=f"selected: step {selected_step}{scale}")
-    ax.set_ylabel("development nDCG@10 (x100)")
+    ax.set_ylabel("nDCG@10 (x100)")
     ax.set_xlim(left=-0.5)  # step 0 at the edge would hide its marker
     ax.margins(y=0.15)  # room for the labels
     ax.legend(loc="best")

@@ -216,7 +216,8 @@ def write_outputs(cfg: Config, folder: Path, trainer: KitTrainer, summary: dict)
     (folder / "training_log.json").write_text(json.dumps(history, indent=2) + "\n", encoding="utf-8")
     selected = summary["selected"]
     plot_loss(folder / "loss.png", history, cfg.train.objective, Path(cfg.output.output_dir).name,
-              summary["dev_ndcg@10_by_step"], selected["step"] if selected else None, summary["lora_scale"])
+              summary["dev_ndcg@10_by_step"], selected["step"] if selected else None, summary["lora_scale"],
+              summary.get("monitor_ndcg@10_by_step"))
     save_models(trainer.model, cfg, folder)
 
 
