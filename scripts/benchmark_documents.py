@@ -42,7 +42,8 @@ TEST_FOLDERS = {"ru_catalog_docs": ROOT / "data" / "ru_catalog" / "test"}  # the
 NO_GUARD = ["--select_best", "false", "--lora_scales", ""]
 RECIPES = {
     "auto": [],  # the default command
-    "lead-devlead": ["--objective", "lead", "--dev_construction", "lead"],  # selected on pairs built like its own
+    # the previous default: selected on pairs built like its own training pairs, evaluated every 20 steps
+    "lead-devlead": ["--objective", "lead", "--dev_construction", "lead", "--eval_steps", "20"],
     "lead": ["--objective", "lead"],
     "ict": ["--objective", "ict"],
     "crop": ["--objective", "crop"],
