@@ -22,6 +22,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import ProgressCallback, TrainerCallback
 
+from src.selection import DEV_NAME, MONITOR_NAME
+
 logger = logging.getLogger(__name__)
 # A smaller adapter scale must beat the adapter as trained by this much development nDCG@10 to replace it: on
 # about a hundred development queries, smaller differences are noise, and following noise costs test quality.
@@ -91,11 +93,11 @@ class BestStateCallback(TrainerCallback):
         self.monitor: list[tuple[int, float]] = []
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
-        if dev_score(metrics or {}) is not None:
+        if dev_score(metrics or {}) is not None:  # one call per development dataset; the evaluator runs once
             self.consider(state.global_step, metrics, state.is_world_process_zero)
 
     def consider(self, step: int, metrics: dict, main_process: bool = True) -> None:
-        score, watched = dev_score(metrics), dev_score(metrics, "monitor_")
+        score, watched = dev_score(metrics), dev_score(metrics, MONITOR_NAME)
         self.history.append((step, score))
         if watched is not None:
             self.monitor.append((step, watched))
@@ -144,10 +146,11 @@ def choose_lora_scale(model: torch.nn.Module, evaluator, best: BestStateCallback
     return chosen
 
 
-def dev_score(metrics: dict, evaluator: str = "dev_") -> float | None:
-    """nDCG@10 of one evaluator's metrics (named `dev` for model selection, `monitor` for --monitor_data)."""
-    return next((v for k, v in metrics.items() if k.startswith((evaluator, "eval_" + evaluator))
-                 and k.endswith("ndcg@10")), None)
+def dev_score(metrics: dict, evaluator: str = DEV_NAME) -> float | None:
+    """nDCG@10 of one evaluator (model selection's, or the monitor's) in an evaluation's metrics, as the trainer
+    logs them (`eval_dev_cosine_ndcg@10`) or as the evaluator returns them (`dev_cosine_ndcg@10`)."""
+    prefixes = (f"{evaluator}_", f"eval_{evaluator}_")
+    return next((v for k, v in metrics.items() if k.startswith(prefixes) and k.endswith("ndcg@10")), None)
 
 
 def trainable_state(module: torch.nn.Module) -> dict:

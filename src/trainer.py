@@ -1,6 +1,6 @@
 """One command: data -> model -> training (the objectives of src/objectives.py) -> model selection on development
-pairs (src/callbacks.py) -> saved adapter and merged model (src/run_folder.py) -> retrieval evaluation against the
-base model (src/evaluation.py).
+pairs (src/selection.py, src/callbacks.py) -> saved adapter and merged model (src/run_folder.py) -> retrieval
+evaluation against the base model (src/evaluation.py).
 
     python -m src.trainer                      # bundled default: multilingual-e5-small, QLoRA, Russian catalog
     python -m src.trainer --config my.yaml --learning_rate 5e-5 --output_dir runs/mine
@@ -57,7 +57,7 @@ from src.plots import plot_loss
 from src.retrieval_data import RetrievalData, load_retrieval_data
 from src.run_folder import finalize_run_folder, partial_folder, prepare_run_folder, save_models
 from src.run_summary import summary_lines, training_counts
-from src.selection import selection_evaluator
+from src.selection import development_part, selection_evaluator
 from src.tables import read_table
 
 logger = logging.getLogger(__name__)
@@ -195,7 +195,7 @@ def select_state(trainer: KitTrainer, best: BestStateCallback | None, cfg: Confi
     if selected is not None and selected["step"] == 0:
         logger.warning("no training step beat the base model on the development pairs: the saved model is the "
                        "base model unchanged")
-    scale = choose_lora_scale(trainer.model, trainer.evaluator, best, cfg.train.lora_scale_values())
+    scale = choose_lora_scale(trainer.model, development_part(trainer.evaluator), best, cfg.train.lora_scale_values())
     return {"selected": selected, "lora_scale": scale, **history}
 
 

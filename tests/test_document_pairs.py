@@ -68,16 +68,18 @@ def documents_file(tmp_path):
     return path
 
 
-def test_no_development_document_is_trained_on(documents_file):
+@pytest.mark.parametrize("construction", CONSTRUCTIONS)
+def test_no_development_document_is_trained_on(documents_file, construction):
     data = load_training_data(DataConfig(train_file=str(documents_file), validation_fraction=0.1), seed=0)
     assert not data.pairs and len(data.dev_texts) >= 15
     trained = {normalized_key(t) for t in data.texts}
     assert not any(normalized_key(t) in trained for t in data.dev_texts)
-    dev_pairs, pool = development_pairs(data, "lead", seed=0)
+    dev_pairs, pool = development_pairs(data, construction, seed=0)
     assert len(dev_pairs) == len(data.dev_texts)
     for query, positive in dev_pairs:  # every development pair comes from a held-out document
         assert any(words(query) | words(positive) <= words(t) for t in data.dev_texts)
-    assert not {normalized_key(p) for _, p in dev_pairs} & {normalized_key(p) for p in pool}
+    if construction == "lead":  # whole-document sides; ict and crop sides can be one sentence two documents share
+        assert not {normalized_key(p) for _, p in dev_pairs} & {normalized_key(p) for p in pool}
 
 
 def test_auto_picks_catalog_pairs_when_the_file_has_them_and_the_documents_recipe_otherwise(caplog):
@@ -102,7 +104,7 @@ def test_development_pairs_are_never_built_like_the_training_pairs_unless_asked(
 
     # README "Documents alone": lead development pairs rose while real queries fell; crop pairs fell with them
     assert [dev_construction(cfg(o)) for o in ("lead", "ict", "tsdae+lead", "crop", "lead+crop")] == [
-        "crop", "crop", "crop", "lead", "lead"]
+        "crop", "crop", "crop", "lead", "ict"]
     assert dev_construction(cfg("lead", "ict")) == "ict"
     docs = [f"Heading {i}\nBody sentence number {i} about topic {i % 7}. Another sentence {i}." for i in range(60)]
     data, model = TrainingData(docs[:40], docs[40:]), SimpleNamespace(prompts={})
@@ -111,6 +113,19 @@ def test_development_pairs_are_never_built_like_the_training_pairs_unless_asked(
         with caplog.at_level(logging.WARNING, logger="src.selection"):
             assert dev_evaluator(model, data, cfg("lead", construction)) is not None
         assert ("built like the training pairs" in caplog.text) == warned
+
+
+def test_selection_follows_the_development_score_and_only_records_the_monitor(tmp_path):
+    from src.callbacks import BestStateCallback, dev_score
+
+    logged = {"eval_dev_cosine_ndcg@10": 0.5, "eval_monitor_cosine_ndcg@10": 0.9, "eval_lead_loss": 1.0}
+    assert (dev_score(logged), dev_score(logged, "monitor")) == (0.5, 0.9)
+    assert dev_score({"dev_cosine_ndcg@10": 0.4}) == 0.4 and dev_score({"eval_lead_loss": 1.0}) is None
+    best = BestStateCallback(torch.nn.Linear(2, 2), tmp_path)
+    for step, dev, watched in ((0, 0.40, 0.70), (10, 0.45, 0.60), (20, 0.42, 0.80)):
+        best.consider(step, {"dev_cosine_ndcg@10": dev, "monitor_cosine_ndcg@10": watched})
+    assert best.step == 10 and json.loads((tmp_path / "best.json").read_text())["step"] == 10
+    assert best.monitor == [(0, 0.70), (10, 0.60), (20, 0.80)]
 
 
 def test_an_explicit_pair_objective_without_its_columns_says_what_works_for_documents():
@@ -229,5 +244,7 @@ def test_auto_on_documents_trains_lead_with_selection_scale_search_anchor_and_mo
     assert run["selected"]["dev_ndcg@10"] == max(score for _, score in run["dev_ndcg@10_by_step"])
     logged = json.loads((folder / "training_log.json").read_text())
     assert sum("eval_monitor_cosine_ndcg@10" in h for h in logged) == 2  # steps 2 and 4 (step 0 precedes the log)
+    card = (folder / "adapter" / "README.md").read_text(encoding="utf-8")
+    assert "dev_cosine" in card and "monitor" not in card  # watched data is no result of the model
     assert run["lora_scale"] in (0.5, 1.0) if run["selected"]["step"] else run["lora_scale"] == 1.0
     assert run["peak_memory_gb"] > 0

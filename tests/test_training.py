@@ -187,13 +187,15 @@ LOG_HISTORY = [{"loss": 2.8 - 0.02 * s, "step": s} for s in (1, 10, 20, 30, 40)]
     {"eval_loss": 2.3 - 0.01 * s, "eval_dev_cosine_ndcg@10": 0.4 + 0.001 * s, "step": s} for s in (20, 40)]
 
 
-@pytest.mark.parametrize("dev", [True, False], ids=["with development evaluation", "without"])
+@pytest.mark.parametrize("dev", [True, False, "monitor"], ids=["with development evaluation", "without",
+                                                                "with a monitor"])
 def test_loss_plot_is_written(tmp_path, dev):
     from src.plots import plot_loss
 
     history = LOG_HISTORY if dev else [h for h in LOG_HISTORY if "eval_loss" not in h]
     dev_history = [[0, 0.40], [20, 0.43], [40, 0.42]] if dev else None
-    plot_loss(tmp_path / "loss.png", history, "mnrl", "e5-small-ru", dev_history, 20 if dev else None, 0.5)
+    monitor = [[0, 0.70], [20, 0.72], [40, 0.65]] if dev == "monitor" else None
+    plot_loss(tmp_path / "loss.png", history, "mnrl", "e5-small-ru", dev_history, 20 if dev else None, 0.5, monitor)
     assert_png(tmp_path / "loss.png")
 
 
