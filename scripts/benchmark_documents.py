@@ -136,7 +136,17 @@ def spearman(points: list) -> tuple[float | None, int]:
     return float(spearmanr(*zip(*points)).statistic), len(points)
 
 
-def markdown(rows: list[dict], agreement: tuple) -> str:
+def mean_difference(rows: list[dict]) -> str:
+    """The mean of the collections' differences, with a 95% interval from theirs (normal approximation: each
+    collection's bootstrap interval read as +-1.96 standard errors; the collections are independent)."""
+    import math
+
+    mean = sum(r["difference"] for r in rows) / len(rows)
+    se = math.sqrt(sum(((r["ci95"][1] - r["ci95"][0]) / 3.92) ** 2 for r in rows)) / len(rows)
+    return f"{mean:+.2f} [{mean - 1.96 * se:+.2f}, {mean + 1.96 * se:+.2f}]"
+
+
+def markdown(rows: list[dict], agreement: dict) -> str:
     lines = ["| collection | recipe | nDCG@10 | base | difference [95% CI] | verdict | selected step / steps | "
              "adapter scale | train s | peak GB |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -147,9 +157,10 @@ def markdown(rows: list[dict], agreement: tuple) -> str:
                      f"{r['peak_memory_gb']} |")
     by_recipe = {}
     for r in rows:
-        by_recipe.setdefault(r["recipe"], []).append(r["difference"])
-    lines += ["", "| recipe | collections | mean difference |", "|---|---|---|"]
-    lines += [f"| {k} | {len(v)} | {sum(v) / len(v):+.2f} |" for k, v in by_recipe.items()]
+        by_recipe.setdefault(r["recipe"], []).append(r)
+    lines += ["", "| recipe | collections | mean difference [95% CI] | worst collection |", "|---|---|---|---|"]
+    lines += [f"| {k} | {len(v)} | {mean_difference(v)} | {min(r['difference'] for r in v):+.2f} |"
+              for k, v in by_recipe.items()]
     for what, (rho, n) in agreement.items():
         lines += ["", f"Development gain vs test gain, Spearman rho over {n} {what}: "
                   + (f"{rho:+.2f}" if rho is not None else "n/a (fewer than 3)")]
