@@ -147,8 +147,8 @@ class TrainConfig(Settings):
     select_best: bool = help_field("Keep the state with the best development nDCG@10 (step 0 = the base model): "
                                    "held-out items' --pair_columns, or pairs of held-out documents.", default=True)
     dev_construction: Literal["auto", "lead", "ict", "crop"] = help_field(
-        "How development pairs are built from held-out documents when the file has no pair columns. auto: crop, or "
-        "lead when the objective trains on crop (never the pairs the model trains on; README).", default="auto")
+        "How development pairs are built from held-out documents when the file has no pair columns. auto: the first "
+        "of crop, lead, ict that the objective does not train on (README, documents alone).", default="auto")
     monitor_data: str = help_field("Labelled held-out data (as --eval_data) scored at every development evaluation "
                                    "and logged, never selected on: does the development signal agree with real "
                                    "queries? '' = off.", default="")
