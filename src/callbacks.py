@@ -30,6 +30,7 @@ logger = logging.getLogger(__name__)
 MIN_SCALE_GAIN = 0.005
 TRAINABLE_FILE = "trainable_state.safetensors"  # LoRA + decoder weights, beside each checkpoint
 BEST_FILE = "best_state.safetensors"  # trainable state of the best development evaluation
+HISTORY_FILE = "selection_history.json"  # every development (and monitor) score so far, for --resume
 
 
 class EpochCallback(TrainerCallback):
@@ -89,8 +90,16 @@ class BestStateCallback(TrainerCallback):
         self.model, self.file, self.record = model, folder / BEST_FILE, folder / "best.json"
         saved = json.loads(self.record.read_text()) if self.record.exists() else {}  # a resumed run's best so far
         self.best, self.step = saved.get("dev_ndcg@10", -math.inf), saved.get("step")
-        self.history: list[tuple[int, float]] = []
-        self.monitor: list[tuple[int, float]] = []
+        # beside the checkpoints (removed with them when the run is finished): a resumed run keeps its history
+        self.history_file = folder / "checkpoints" / HISTORY_FILE
+        kept = json.loads(self.history_file.read_text()) if self.history_file.exists() else {}
+        self.history: list[tuple[int, float]] = [tuple(p) for p in kept.get("dev", [])]
+        self.monitor: list[tuple[int, float]] = [tuple(p) for p in kept.get("monitor", [])]
+
+    def resume_at(self, step: int) -> None:
+        """Forget the evaluations after `step` (-1: all of them), where a (resumed) run starts: they come again."""
+        self.history = [p for p in self.history if p[0] <= step]
+        self.monitor = [p for p in self.monitor if p[0] <= step]
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
         if dev_score(metrics or {}) is not None:  # one call per development dataset; the evaluator runs once
@@ -101,6 +110,9 @@ class BestStateCallback(TrainerCallback):
         self.history.append((step, score))
         if watched is not None:
             self.monitor.append((step, watched))
+        if main_process:
+            self.history_file.parent.mkdir(parents=True, exist_ok=True)
+            self.history_file.write_text(json.dumps({"dev": self.history, "monitor": self.monitor}) + "\n")
         if score > self.best and main_process:
             self.best, self.step = score, step
             save_trainable_state(self.model, self.file)

@@ -128,6 +128,21 @@ def test_selection_follows_the_development_score_and_only_records_the_monitor(tm
     assert best.monitor == [(0, 0.70), (10, 0.60), (20, 0.80)]
 
 
+def test_a_resumed_run_keeps_the_selection_history_up_to_its_checkpoint(tmp_path):
+    from src.callbacks import BestStateCallback
+
+    first = BestStateCallback(torch.nn.Linear(2, 2), tmp_path)
+    for step, dev, watched in ((0, 0.40, 0.70), (10, 0.45, 0.60), (20, 0.42, 0.80)):
+        first.consider(step, {"dev_cosine_ndcg@10": dev, "monitor_cosine_ndcg@10": watched})
+    resumed = BestStateCallback(torch.nn.Linear(2, 2), tmp_path)
+    resumed.resume_at(10)  # continues from checkpoint-10: step 20 is evaluated again
+    assert resumed.history == [(0, 0.40), (10, 0.45)] and resumed.monitor == [(0, 0.70), (10, 0.60)]
+    assert (resumed.step, resumed.best) == (10, 0.45)
+    restarted = BestStateCallback(torch.nn.Linear(2, 2), tmp_path)
+    restarted.resume_at(-1)  # no checkpoint: everything is evaluated again, step 0 first
+    assert restarted.history == [] and restarted.monitor == []
+
+
 def test_an_explicit_pair_objective_without_its_columns_says_what_works_for_documents():
     with pytest.raises(UsageError, match=r"--objective mnrl: needs the pair column 'title' .* docs.jsonl lacks "
                                          r"\(has: _id, text\); for plain documents use --objective auto or lead"):

@@ -1,6 +1,7 @@
 """What happens when things go wrong during training: a crash, a signal, a non-finite loss, running out of
 memory. Each test fails if the run loses work or claims to be finished when it is not."""
 
+import json
 import os
 import signal
 
@@ -57,6 +58,25 @@ def test_crash_then_resume_skips_a_torn_checkpoint_and_reaches_the_same_weights(
     (torn / "trainer_state.json").write_text("{")
     resumed = trainer_module.train(run_config(tmp_path, tiny_bert, "broken", max_steps=6, save_steps=3, resume=True))
     assert_same_adapter(uninterrupted, resumed)
+
+
+def test_a_resumed_run_reports_every_development_evaluation_once(tmp_path, tiny_bert, monkeypatch):
+    class Crash(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            raise KeyboardInterrupt  # after the evaluations of steps 0 and 2, with checkpoint-3 written
+
+    def config(**more):
+        cfg = run_config(tmp_path, tiny_bert, "selected", max_steps=6, save_steps=3, eval_steps=2, select_best=True,
+                         dev_distractors=20, **more)
+        cfg.data.max_train_texts = 120  # enough held-out items for model selection
+        return cfg
+
+    with monkeypatch.context() as m:
+        with_callback(m, Crash())
+        with pytest.raises(KeyboardInterrupt):
+            trainer_module.train(config())
+    run = json.loads((trainer_module.train(config(resume=True)) / "run.json").read_text())
+    assert [step for step, _ in run["dev_ndcg@10_by_step"]] == [0, 2, 4, 6]
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
