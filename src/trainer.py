@@ -238,8 +238,8 @@ def train(cfg: Config) -> Path:
         logger.warning("--resume: no checkpoint in %s, starting from the beginning", trainer.args.output_dir)
     if best is not None:
         best.resume_at(int(checkpoint.rsplit("-", 1)[1]) if checkpoint else -1)
-    if best is not None and checkpoint is None:  # step 0, the base model: the bar training has to clear
-        best.consider(0, trainer.evaluator(model), trainer.is_world_process_zero())
+        if checkpoint is None:  # step 0, the base model: the bar training has to clear
+            best.consider(0, trainer.evaluator(model), trainer.is_world_process_zero())
     result = run_training(trainer, checkpoint, cfg)
     if hasattr(model[0], "tsdae_decoder"):
         del model[0].tsdae_decoder
