@@ -161,7 +161,7 @@ class TrainConfig(Settings):
     dev_distractors: int = help_field("Training documents added to the development collection, so that telling "
                                       "checkpoints apart is as hard as the real search.", default=1000)
     seed: int = help_field("Seed for data split, noise, initialisation and order.", default=42)
-    resume: bool = help_field("Resume from the last checkpoint in output_dir.", default=False)
+    resume: bool = help_field("Resume from the last checkpoint in output_dir (same settings only).", default=False)
     threads: int = help_field("CPU threads for torch (0 = torch's default).", default=0)
 
     def validate(self):

@@ -3,6 +3,7 @@ models saved into it (adapter/ and merged/)."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -12,7 +13,7 @@ from sentence_transformers import SentenceTransformer
 
 from src.callbacks import BEST_FILE
 from src.config import Config
-from src.errors import KitError
+from src.errors import KitError, UsageError
 from src.model_builder import load_sentence_transformer
 
 
@@ -32,8 +33,27 @@ def prepare_run_folder(cfg: Config) -> Path:
                        f"start again")
     if partial.exists() and cfg.output.overwrite and not cfg.train.resume:
         shutil.rmtree(partial)
+    if cfg.train.resume and (partial / "config.json").exists():
+        check_resumable(json.loads((partial / "config.json").read_text(encoding="utf-8")), cfg.to_dict(), partial)
     partial.mkdir(parents=True, exist_ok=True)
     return partial
+
+
+# What --resume may change: where and how fast it runs, what it logs and watches, the evaluation after training.
+# Anything else would continue one run's checkpoints, optimizer and best development score under another's
+# settings (a development score measured on other pairs would even decide which state is kept).
+RESUMABLE = {"train.resume", "train.threads", "train.device", "train.logging_steps", "train.save_steps",
+             "train.monitor_data", "train.gradient_checkpointing", "model.trust_remote_code", "model.allow_pickle"}
+
+
+def check_resumable(saved: dict, current: dict, partial: Path) -> None:
+    """Refuse to resume a run under settings other than those it started with (its config.json)."""
+    for group in ("data", "noise", "model", "train"):
+        for option in sorted(set(saved.get(group, {})) | set(current[group])):
+            was, now = saved.get(group, {}).get(option, "(not recorded)"), current[group].get(option)
+            if f"{group}.{option}" not in RESUMABLE and was != now:
+                raise UsageError(f"option --{option}: the run in {partial} was started with {was!r}, not {now!r}; "
+                                 f"resume with the same settings, or start again with --overwrite")
 
 
 def finalize_run_folder(partial: Path, final: Path) -> None:

@@ -1,6 +1,7 @@
 """Settings resolution and the one-line errors every CLI gives."""
 
 import dataclasses
+import json
 import logging
 import re
 import subprocess
@@ -11,8 +12,9 @@ import pytest
 from conftest import ROOT, RU_TRAIN
 
 from src.cli import parse_config, parse_groups
-from src.config import GROUPS, Config, EvalConfig, EvaluationArguments, PreprocessConfig
+from src.config import GROUPS, Config, EvalConfig, EvaluationArguments, OutputConfig, PreprocessConfig, TrainConfig
 from src.errors import UsageError, quiet_third_party
+from src.run_folder import prepare_run_folder
 
 
 def test_defaults_file_and_cli_precedence(tmp_path):
@@ -178,3 +180,18 @@ def test_third_party_noise_is_dropped_and_the_rest_kept(logger, message):
     finally:
         log.removeHandler(handler)
     assert [r.getMessage() for r in records] == ["LOAD REPORT\nencoder.layer.0.weight | MISSING |"]
+
+
+def test_resume_refuses_other_settings_and_allows_other_threads(tmp_path):
+    started = Config(output=OutputConfig(output_dir=str(tmp_path / "run")))
+    partial = tmp_path / "run.partial"
+    partial.mkdir()
+    started.save(partial / "config.json")
+    changed = Config(train=TrainConfig(resume=True, learning_rate=3e-4, dev_construction="lead"),
+                     output=OutputConfig(output_dir=str(tmp_path / "run")))
+    with pytest.raises(UsageError, match=r"option --dev_construction: the run in .*run.partial was started with "
+                                         r"'auto', not 'lead'.*--overwrite"):
+        prepare_run_folder(changed)
+    assert json.loads((partial / "config.json").read_text()) == started.to_dict()  # left as it was
+    same = Config(train=TrainConfig(resume=True, threads=1), output=OutputConfig(output_dir=str(tmp_path / "run")))
+    assert prepare_run_folder(same) == partial
