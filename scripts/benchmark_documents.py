@@ -14,8 +14,8 @@ Agreement of the development signal (what model selection sees) with the test: a
 correlation (Spearman) of the development gain (selected or final development nDCG@10 minus step 0's) with the
 held-out test gain; with --monitor, each run also scores the test at every development evaluation
 (`--monitor_data`, never selected on), and the rank correlation of development and test gains over every
-evaluated checkpoint of every run is reported too. Writes results.json and results.md to --output_dir and
-prints the table.
+evaluated checkpoint of every run is reported too. Writes results.json and results.md to --output_dir, with every
+finished run found there (this invocation's and earlier ones'), and prints the table.
 """
 
 from __future__ import annotations
@@ -41,10 +41,9 @@ TEST_FOLDERS = {"ru_catalog_docs": ROOT / "data" / "ru_catalog" / "test"}  # the
 # the adapter-scale search (both on by default); "noguard" turns both off and keeps the last step.
 NO_GUARD = ["--select_best", "false", "--lora_scales", ""]
 RECIPES = {
-    "auto": [],  # the default command
+    "auto": [],  # the default command: on documents alone, lead pairs selected on crop pairs
     # the previous default: selected on pairs built like its own training pairs, evaluated every 20 steps
     "lead-devlead": ["--objective", "lead", "--dev_construction", "lead", "--eval_steps", "20"],
-    "lead": ["--objective", "lead"],
     "ict": ["--objective", "ict"],
     "crop": ["--objective", "crop"],
     "lead+anchor": ["--objective", "lead", "--anchor_weight", "1.0"],
@@ -128,6 +127,13 @@ def evaluate(collection: str, recipe: str, folder: Path, data, base, cfg: EvalCo
     return row
 
 
+def finished_rows(out: Path) -> list[dict]:
+    """Every finished run under `out`, this invocation's and earlier ones', so the table grows across sessions."""
+    rows = [json.loads(p.read_text()) for p in out.glob("*/*/benchmark_row.json")]
+    rows = [r for r in rows if r["recipe"] in RECIPES]
+    return sorted(rows, key=lambda r: (r["collection"], list(RECIPES).index(r["recipe"])))
+
+
 def spearman(points: list) -> tuple[float | None, int]:
     from scipy.stats import spearmanr
 
@@ -158,9 +164,14 @@ def markdown(rows: list[dict], agreement: dict) -> str:
     by_recipe = {}
     for r in rows:
         by_recipe.setdefault(r["recipe"], []).append(r)
-    lines += ["", "| recipe | collections | mean difference [95% CI] | worst collection |", "|---|---|---|---|"]
-    lines += [f"| {k} | {len(v)} | {mean_difference(v)} | {min(r['difference'] for r in v):+.2f} |"
-              for k, v in by_recipe.items()]
+    names = sorted({r["collection"] for r in rows})
+    cell = {(r["recipe"], r["collection"]): f"{r['difference']:+.2f} [{r['ci95'][0]:+.2f}, {r['ci95'][1]:+.2f}]"
+            for r in rows}
+    lines += ["", "| recipe | " + " | ".join(names) + " | mean difference [95% CI] | worst |",
+              "|---" * (len(names) + 3) + "|"]
+    lines += [f"| {k} | " + " | ".join(cell.get((k, n), "-") for n in names)
+              + f" | {mean_difference(v)} ({len(v)}) | {min(r['difference'] for r in v):+.2f} |"
+              for k, v in sorted(by_recipe.items(), key=lambda kv: list(RECIPES).index(kv[0]))]
     for what, (rho, n) in agreement.items():
         lines += ["", f"Development gain vs test gain, Spearman rho over {n} {what}: "
                   + (f"{rho:+.2f}" if rho is not None else "n/a (fewer than 3)")]
@@ -180,13 +191,13 @@ def main() -> None:
     if unknown:
         sys.exit(f"error: unknown recipe '{unknown[0]}' (have: {', '.join(RECIPES)})")
     out, cfg = ROOT / args.output_dir, EvalConfig()
-    rows = []
     for collection in collections(args.collections):
         data = load_retrieval_data(str(test_folder(collection)))
         base = base_result(collection, data, cfg, out / collection)
         for recipe in recipes:
-            rows.append(evaluate(collection, recipe, out / collection / recipe, data, base, cfg, args.monitor))
-            print(markdown(rows[-1:], {}).splitlines()[2], flush=True)
+            row = evaluate(collection, recipe, out / collection / recipe, data, base, cfg, args.monitor)
+            print(markdown([row], {}).splitlines()[2], flush=True)
+    rows = finished_rows(out)
     agreement = {"runs (shipped state)": spearman([(r["dev_gain"], r["difference"]) for r in rows
                                                    if r["dev_gain"] is not None]),
                  "checkpoints (monitored runs)": spearman([p for r in rows for p in r.get("checkpoint_gains", [])])}
