@@ -28,6 +28,7 @@ logger = logging.getLogger(__name__)
 # A smaller adapter scale must beat the adapter as trained by this much development nDCG@10 to replace it: on
 # about a hundred development queries, smaller differences are noise, and following noise costs test quality.
 MIN_SCALE_GAIN = 0.005
+CHECKPOINTS = "checkpoints"  # the Trainer's folder inside the run folder: resumable states, removed at the end
 TRAINABLE_FILE = "trainable_state.safetensors"  # LoRA + decoder weights, beside each checkpoint
 BEST_FILE = "best_state.safetensors"  # trainable state of the best development evaluation
 HISTORY_FILE = "selection_history.json"  # every development (and monitor) score so far, for --resume
@@ -91,7 +92,7 @@ class BestStateCallback(TrainerCallback):
         saved = json.loads(self.record.read_text()) if self.record.exists() else {}  # a resumed run's best so far
         self.best, self.step = saved.get("dev_ndcg@10", -math.inf), saved.get("step")
         # beside the checkpoints (removed with them when the run is finished): a resumed run keeps its history
-        self.history_file = folder / "checkpoints" / HISTORY_FILE
+        self.history_file = folder / CHECKPOINTS / HISTORY_FILE
         kept = json.loads(self.history_file.read_text()) if self.history_file.exists() else {}
         self.history: list[tuple[int, float]] = [tuple(p) for p in kept.get("dev", [])]
         self.monitor: list[tuple[int, float]] = [tuple(p) for p in kept.get("monitor", [])]

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from sentence_transformers import SentenceTransformer
 
-from src.callbacks import BEST_FILE
+from src.callbacks import BEST_FILE, CHECKPOINTS
 from src.config import Config
 from src.errors import KitError, UsageError
 from src.model_builder import load_sentence_transformer
@@ -57,7 +57,7 @@ def check_resumable(saved: dict, current: dict, partial: Path) -> None:
 
 
 def finalize_run_folder(partial: Path, final: Path) -> None:
-    shutil.rmtree(partial / "checkpoints", ignore_errors=True)
+    shutil.rmtree(partial / CHECKPOINTS, ignore_errors=True)
     (partial / BEST_FILE).unlink(missing_ok=True)  # already folded into adapter/ and merged/
     if final.exists():  # only reachable with --overwrite
         trash = final.with_name(final.name + ".old")

@@ -29,6 +29,7 @@ from sentence_transformers.sentence_transformer.training_args import SentenceTra
 from transformers import ProgressCallback, set_seed
 
 from src.callbacks import (
+    CHECKPOINTS,
     TRAINABLE_FILE,
     BestStateCallback,
     DecoderWarmupCallback,
@@ -94,7 +95,7 @@ def peak_memory_gb(device: str) -> float:
 def training_arguments(cfg: Config, folder: Path, device: str, has_dev: bool, prompts: dict):
     t = cfg.train
     return SentenceTransformerTrainingArguments(
-        output_dir=str(folder / "checkpoints"), per_device_train_batch_size=t.batch_size,
+        output_dir=str(folder / CHECKPOINTS), per_device_train_batch_size=t.batch_size,
         per_device_eval_batch_size=t.batch_size, gradient_accumulation_steps=t.gradient_accumulation_steps,
         learning_rate=t.learning_rate, num_train_epochs=t.epochs, max_steps=t.max_steps or -1,
         warmup_steps=t.warmup_ratio, lr_scheduler_type=t.lr_scheduler, weight_decay=t.weight_decay,
