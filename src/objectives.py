@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import warnings
 from dataclasses import dataclass
 from typing import Callable
 
@@ -77,7 +78,9 @@ class BaseAnchoredLoss(torch.nn.Module):
         sentence_features = list(sentence_features)
         embeddings = embed_columns(self.model, sentence_features)
         loss = self.loss.compute_loss_from_embeddings(embeddings, labels)
-        with torch.no_grad(), adapters_disabled(self.model):
+        with torch.no_grad(), adapters_disabled(self.model), warnings.catch_warnings():
+            # gradient checkpointing warns that a pass without gradients has none: true, and wanted here
+            warnings.filterwarnings("ignore", message="None of the inputs have requires_grad")
             base = [self.model(f)["sentence_embedding"] for f in sentence_features]
         drift = torch.stack([((e.float() - b.float()) ** 2).sum(-1).mean() for e, b in zip(embeddings, base)]).mean()
         return loss + self.weight * drift
