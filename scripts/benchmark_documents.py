@@ -48,6 +48,7 @@ RECIPES = {
     "crop": ["--objective", "crop"],
     "lead+anchor": ["--objective", "lead", "--anchor_weight", "1.0"],
     "lead-noguard": ["--objective", "lead", *NO_GUARD],
+    "lead+anchor-noguard": ["--objective", "lead", "--anchor_weight", "1.0", *NO_GUARD],  # the anchor alone
     "ict-noguard": ["--objective", "ict", *NO_GUARD],
     "tsdae": ["--objective", "tsdae", "--learning_rate", "2e-5", "--batch_size", "8"],
     "simcse": ["--objective", "simcse", "--learning_rate", "2e-5"],
