@@ -49,6 +49,9 @@ RECIPES = {
     "lead+anchor": ["--objective", "lead", "--anchor_weight", "1.0"],
     "lead-noguard": ["--objective", "lead", *NO_GUARD],
     "lead+anchor-noguard": ["--objective", "lead", "--anchor_weight", "1.0", *NO_GUARD],  # the anchor alone
+    # a fixed early stop instead of selection: 10 steps of 32 pairs, where the monitored titles gained on every
+    # collection watched (scripts/benchmark_documents.py --monitor)
+    "lead-10steps-noguard": ["--objective", "lead", "--max_steps", "10", *NO_GUARD],
     "ict-noguard": ["--objective", "ict", *NO_GUARD],
     "tsdae": ["--objective", "tsdae", "--learning_rate", "2e-5", "--batch_size", "8"],
     "simcse": ["--objective", "simcse", "--learning_rate", "2e-5"],
