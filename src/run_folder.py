@@ -39,15 +39,22 @@ def prepare_run_folder(cfg: Config) -> Path:
     return partial
 
 
-# What --resume may change: where and how fast it runs, what it logs and watches, the evaluation after training.
-# Anything else would continue one run's checkpoints, optimizer and best development score under another's
-# settings (a development score measured on other pairs would even decide which state is kept).
+# What --resume may change: where and how fast it runs, what it logs and watches, the evaluation after training,
+# and the split of the effective batch (after running out of memory). Anything else would continue one run's
+# checkpoints and best development score under another's settings, or be ignored: the optimizer and scheduler
+# come from the checkpoint, so a new --learning_rate would not even apply.
 RESUMABLE = {"train.resume", "train.threads", "train.device", "train.logging_steps", "train.save_steps",
-             "train.monitor_data", "train.gradient_checkpointing", "model.trust_remote_code", "model.allow_pickle"}
+             "train.monitor_data", "train.gradient_checkpointing", "model.trust_remote_code", "model.allow_pickle",
+             "train.batch_size", "train.gradient_accumulation_steps"}
 
 
 def check_resumable(saved: dict, current: dict, partial: Path) -> None:
     """Refuse to resume a run under settings other than those it started with (its config.json)."""
+    was, now = (t.get("batch_size", 0) * t.get("gradient_accumulation_steps", 0)
+                for t in (saved.get("train", {}), current["train"]))
+    if was != now:
+        raise UsageError(f"option --batch_size: the run in {partial} was started with an effective batch of {was} "
+                         f"(--batch_size x --gradient_accumulation_steps), not {now}; keep the product to resume")
     for group in ("data", "noise", "model", "train"):
         for option in sorted(set(saved.get(group, {})) | set(current[group])):
             was, now = saved.get(group, {}).get(option, "(not recorded)"), current[group].get(option)

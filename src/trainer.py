@@ -74,7 +74,7 @@ class KitTrainer(SentenceTransformerTrainer):
             # Raised before the optimizer step: the weights and the checkpoints on disk are still good.
             raise KitError(f"the training loss became {loss.item()} at step {self.state.global_step + 1}: stopped. "
                            f"Checkpoints up to step {self.state.global_step} are kept in {self.args.output_dir}; "
-                           f"lower --learning_rate and continue with --resume, or start again with --overwrite")
+                           f"start again with --overwrite and a lower --learning_rate (a resumed run keeps its own)")
         return loss
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
@@ -148,9 +148,10 @@ def run_training(trainer: KitTrainer, checkpoint: str | None, cfg: Config):
     try:
         result = trainer.train(resume_from_checkpoint=checkpoint)
     except torch.OutOfMemoryError as exc:
-        raise KitError(f"out of memory at batch size {cfg.train.batch_size}: try a smaller --batch_size (with "
-                       f"--gradient_accumulation_steps to keep the effective batch), --gradient_checkpointing, "
-                       f"--precision nf4, or a shorter --max_seq_length; continue with --resume") from exc
+        raise KitError(f"out of memory at batch size {cfg.train.batch_size}: continue with --resume and a smaller "
+                       f"--batch_size times a larger --gradient_accumulation_steps (the same effective batch) or "
+                       f"--gradient_checkpointing; or start again with --overwrite and --precision nf4 or a shorter "
+                       f"--max_seq_length") from exc
     finally:
         stop.uninstall()
     if stop.received:

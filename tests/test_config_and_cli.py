@@ -193,5 +193,9 @@ def test_resume_refuses_other_settings_and_allows_other_threads(tmp_path):
                                          r"'auto', not 'lead'.*--overwrite"):
         prepare_run_folder(changed)
     assert json.loads((partial / "config.json").read_text()) == started.to_dict()  # left as it was
-    same = Config(train=TrainConfig(resume=True, threads=1), output=OutputConfig(output_dir=str(tmp_path / "run")))
+    halved = Config(train=TrainConfig(resume=True, batch_size=16), output=started.output)
+    with pytest.raises(UsageError, match="option --batch_size: .* effective batch of 32 .*, not 16"):
+        prepare_run_folder(halved)
+    same = Config(train=TrainConfig(resume=True, threads=1, batch_size=16, gradient_accumulation_steps=2),
+                  output=OutputConfig(output_dir=str(tmp_path / "run")))  # after running out of memory
     assert prepare_run_folder(same) == partial
