@@ -41,7 +41,8 @@ TEST_FOLDERS = {"ru_catalog_docs": ROOT / "data" / "ru_catalog" / "test"}  # the
 # the adapter-scale search (both on by default); "noguard" turns both off and keeps the last step.
 NO_GUARD = ["--select_best", "false", "--lora_scales", ""]
 RECIPES = {
-    "auto": [],  # the default command: on documents alone, lead pairs selected on crop pairs
+    "auto": [],  # the default command: on documents alone, 320 lead pairs (10 steps), no model selection
+    "lead": ["--objective", "lead"],  # one epoch, selected on crop pairs every 10 steps (the default before)
     # the previous default: selected on pairs built like its own training pairs, evaluated every 20 steps
     "lead-devlead": ["--objective", "lead", "--dev_construction", "lead", "--eval_steps", "20"],
     "ict": ["--objective", "ict"],
@@ -49,9 +50,7 @@ RECIPES = {
     "lead+anchor": ["--objective", "lead", "--anchor_weight", "1.0"],
     "lead-noguard": ["--objective", "lead", *NO_GUARD],
     "lead+anchor-noguard": ["--objective", "lead", "--anchor_weight", "1.0", *NO_GUARD],  # the anchor alone
-    # a fixed early stop instead of selection: 10 steps of 32 pairs, where the monitored titles gained on every
-    # collection watched (scripts/benchmark_documents.py --monitor)
-    "lead-10steps-noguard": ["--objective", "lead", "--max_steps", "10", *NO_GUARD],
+    "lead-10steps-noguard": ["--objective", "lead", "--max_steps", "10", *NO_GUARD],  # = auto, spelled out
     "ict-noguard": ["--objective", "ict", *NO_GUARD],
     "tsdae": ["--objective", "tsdae", "--learning_rate", "2e-5", "--batch_size", "8"],
     "simcse": ["--objective", "simcse", "--learning_rate", "2e-5"],

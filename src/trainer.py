@@ -47,6 +47,8 @@ from src.create_dataset import TrainingData, load_training_data
 from src.errors import KitError, UsageError, run_cli
 from src.model_builder import bf16_enabled, build_model, pick_device, world_rank, world_size
 from src.objectives import (
+    DOCUMENTS_DEFAULT,
+    apply_documents_recipe,
     build_objective,
     needs_pairs,
     needs_texts,
@@ -175,6 +177,8 @@ def read_inputs(cfg: Config) -> tuple[str, TrainingData, RetrievalData | None, R
                          f"mnrl from its merged/ model, or train on one process")
     data = load_training_data(cfg.data, cfg.train.seed, needs_texts(cfg.train.objective),
                               needs_pairs(cfg.train.objective), frame)
+    if requested == "auto" and cfg.train.objective == DOCUMENTS_DEFAULT:
+        apply_documents_recipe(cfg.train, len(data.texts), world_size())
     logger.info("objective %s: %s", cfg.train.objective, training_counts(cfg.train.objective, len(data.texts),
                 len(data.pairs), len(data.dev_texts), len(data.dev_pairs)))
     eval_data, monitor = (load_retrieval_data(path, cfg.eval.query_column, cfg.eval.document_column) if path else None

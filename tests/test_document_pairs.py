@@ -237,8 +237,7 @@ def test_adapter_scale_search_keeps_the_trained_adapter_against_a_noise_sized_ga
 # ---- the documents-only default, end to end on a tiny model ----------------------------------------------
 
 
-def test_auto_on_documents_trains_lead_with_selection_scale_search_anchor_and_monitor(tmp_path, tiny_xlmr,
-                                                                                      documents_file):
+def test_lead_on_documents_trains_with_selection_scale_search_anchor_and_monitor(tmp_path, tiny_xlmr, documents_file):
     from src.config import Config, EvalConfig, OutputConfig, TrainConfig
     from src.trainer import train
 
@@ -246,13 +245,13 @@ def test_auto_on_documents_trains_lead_with_selection_scale_search_anchor_and_mo
     pd.DataFrame({"query": [d.split(".")[0] for d in DOCS[:30]], "document": DOCS[:30]}).to_csv(monitor, index=False)
     cfg = Config(data=DataConfig(train_file=str(documents_file), validation_fraction=0.1),
                  model=ModelConfig(model_name_or_path=str(tiny_xlmr), max_seq_length=48),
-                 train=TrainConfig(batch_size=8, learning_rate=1e-3, max_steps=4, eval_steps=2, save_steps=50,
-                                   dev_distractors=50, anchor_weight=1.0, lora_scales="0.5",
+                 train=TrainConfig(objective="lead", batch_size=8, learning_rate=1e-3, max_steps=4, eval_steps=2,
+                                   save_steps=50, dev_distractors=50, anchor_weight=1.0, lora_scales="0.5",
                                    monitor_data=str(monitor)),
                  eval=EvalConfig(eval_data=""), output=OutputConfig(output_dir=str(tmp_path / "auto")))
     folder = train(cfg)
     run = json.loads((folder / "run.json").read_text())
-    assert (run["objective_requested"], run["objective"]) == ("auto", "lead")
+    assert (run["objective_requested"], run["objective"]) == ("lead", "lead")
     assert [step for step, _ in run["dev_ndcg@10_by_step"]] == [0, 2, 4]
     assert [step for step, _ in run["monitor_ndcg@10_by_step"]] == [0, 2, 4]
     assert all(0 <= score <= 1 for _, score in run["monitor_ndcg@10_by_step"])
@@ -263,3 +262,40 @@ def test_auto_on_documents_trains_lead_with_selection_scale_search_anchor_and_mo
     assert "dev_cosine" in card and "monitor" not in card  # watched data is no result of the model
     assert run["lora_scale"] in (0.5, 1.0) if run["selected"]["step"] else run["lora_scale"] == 1.0
     assert run["peak_memory_gb"] > 0
+
+
+def test_auto_on_documents_trains_the_measured_budget_without_selection(tmp_path, tiny_xlmr, documents_file,
+                                                                        monkeypatch, caplog):
+    from src import objectives
+    from src.config import Config, EvalConfig, OutputConfig, TrainConfig
+    from src.trainer import train
+
+    caplog.set_level(logging.INFO)
+    monkeypatch.setattr(objectives, "DOCUMENTS_PAIRS", 20)  # 3 steps of 8 pairs on this small file (README: 320)
+    cfg = Config(data=DataConfig(train_file=str(documents_file), validation_fraction=0.1),
+                 model=ModelConfig(model_name_or_path=str(tiny_xlmr), max_seq_length=48),
+                 train=TrainConfig(batch_size=8, learning_rate=1e-3, save_steps=50),
+                 eval=EvalConfig(eval_data=""), output=OutputConfig(output_dir=str(tmp_path / "auto")))
+    folder = train(cfg)
+    run, saved = (json.loads((folder / name).read_text()) for name in ("run.json", "config.json"))
+    assert (run["objective_requested"], run["objective"], run["steps"]) == ("auto", "lead", 3)
+    assert run["selected"] is None and run["dev_ndcg@10_by_step"] is None and run["lora_scale"] == 1.0
+    assert (saved["train"]["max_steps"], saved["train"]["select_best"]) == (3, False)  # --resume repeats it
+    assert "no model selection" in caplog.text and (folder / "merged").is_dir()
+
+
+def test_documents_budget_gives_way_to_a_small_file_an_explicit_max_steps_and_refuses_a_monitor():
+    from src.config import TrainConfig
+    from src.objectives import DOCUMENTS_PAIRS, apply_documents_recipe
+
+    budget = TrainConfig()
+    apply_documents_recipe(budget, texts=5000)
+    assert (budget.max_steps, budget.select_best, budget.lora_scales) == (DOCUMENTS_PAIRS // 32, False, "")
+    small = TrainConfig()
+    apply_documents_recipe(small, texts=DOCUMENTS_PAIRS - 1)  # fewer texts than the budget: one epoch
+    assert small.max_steps == 0
+    explicit = TrainConfig(max_steps=7)
+    apply_documents_recipe(explicit, texts=5000)
+    assert explicit.max_steps == 7
+    with pytest.raises(UsageError, match="option --monitor_data: .*--objective lead"):
+        apply_documents_recipe(TrainConfig(monitor_data="titles.csv"), texts=5000)
