@@ -162,7 +162,8 @@ def markdown(rows: list[dict], agreement: dict) -> str:
         lines.append(f"| {r['collection']} | {r['recipe']} ({r['objective']}) | {r['ndcg@10']:.2f} | "
                      f"{r['base']:.2f} | "
                      f"{r['difference']:+.2f} [{r['ci95'][0]:+.2f}, {r['ci95'][1]:+.2f}] | {r['verdict']} | "
-                     f"{r['selected_step']} / {r['steps']} | {r['lora_scale']} | {r['train_seconds']:.0f} | "
+                     f"{'last' if r['selected_step'] is None else r['selected_step']} / {r['steps']} | "
+                     f"{r['lora_scale']} | {r['train_seconds']:.0f} | "
                      f"{r['peak_memory_gb']} |")
     by_recipe = {}
     for r in rows:
