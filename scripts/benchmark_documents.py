@@ -1,7 +1,7 @@
 """Adaptation from documents alone: every recipe on every development collection, against the base model.
 
-    python scripts/benchmark_documents.py                              # the whole table (hours on 2 CPU cores)
-    python scripts/benchmark_documents.py --collections ru_catalog_docs --recipes auto,ict
+    python -m scripts.benchmark_documents                              # the whole table (hours on 2 CPU cores)
+    python -m scripts.benchmark_documents --collections ru_catalog_docs --recipes auto,ict
 
 Each recipe is the kit's own command (`python -m src.trainer`, one subprocess per run, so its peak memory is
 its own) trained on a collection's documents alone (`data/dev/<name>/train.jsonl`: `_id` + `text`, no titles,
@@ -27,14 +27,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+from src.config import EvalConfig, comma_list
+from src.evaluation import evaluate_model, load_model
+from src.metrics import MAIN_METRIC, compare, verdict
+from src.retrieval_data import load_retrieval_data
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from src.config import EvalConfig, comma_list  # noqa: E402
-from src.evaluation import evaluate_model, load_model  # noqa: E402
-from src.metrics import MAIN_METRIC, compare, verdict  # noqa: E402
-from src.retrieval_data import load_retrieval_data  # noqa: E402
-
 DEV = ROOT / "data" / "dev"
 TEST_FOLDERS = {"ru_catalog_docs": ROOT / "data" / "ru_catalog" / "test"}  # the rest: data/dev/<name>/test
 # Recipe -> the trainer's options. "guard" = model selection on development pairs from held-out documents +
@@ -43,14 +41,11 @@ NO_GUARD = ["--select_best", "false", "--lora_scales", ""]
 RECIPES = {
     "auto": [],  # the default command: on documents alone, 320 lead pairs (10 steps), no model selection
     "lead": ["--objective", "lead"],  # one epoch, selected on crop pairs every 10 steps (the default before)
-    # the previous default: selected on pairs built like its own training pairs, evaluated every 20 steps
-    "lead-devlead": ["--objective", "lead", "--dev_construction", "lead", "--eval_steps", "20"],
     "ict": ["--objective", "ict"],
     "crop": ["--objective", "crop"],
     "lead+anchor": ["--objective", "lead", "--anchor_weight", "1.0"],
     "lead-noguard": ["--objective", "lead", *NO_GUARD],
     "lead+anchor-noguard": ["--objective", "lead", "--anchor_weight", "1.0", *NO_GUARD],  # the anchor alone
-    "lead-10steps-noguard": ["--objective", "lead", "--max_steps", "10", *NO_GUARD],  # = auto, spelled out
     "ict-noguard": ["--objective", "ict", *NO_GUARD],
     "tsdae": ["--objective", "tsdae", "--learning_rate", "2e-5", "--batch_size", "8"],
     "simcse": ["--objective", "simcse", "--learning_rate", "2e-5"],
@@ -63,7 +58,7 @@ def collections(names: str) -> list[str]:
     unknown = [n for n in wanted if n not in found]
     if unknown:
         sys.exit(f"error: no collection '{unknown[0]}' in {DEV} (have: {', '.join(found)}); build them with "
-                 f"python scripts/build_dev_collections.py")
+                 f"python -m scripts.build_dev_collections")
     return wanted
 
 

@@ -1,8 +1,8 @@
 """Peak memory and speed of one TSDAE training step, design by design, and plain sentence-transformers TSDAE
 against the kit's, step for step.
 
-    python scripts/benchmark_training.py                       # e5-small + XLM-R-large-sized, all designs
-    python scripts/benchmark_training.py --models e5-small --designs st-tied,kit-qlora-gc --rounds 4
+    python -m scripts.benchmark_training                       # e5-small + XLM-R-large-sized, all designs
+    python -m scripts.benchmark_training --models e5-small --designs st-tied,kit-qlora-gc --rounds 4
 
 Designs (batch 8, length 128, AdamW over whatever trains, real Russian catalog texts with 60% deletion):
     old-kit      4-bit encoder + LoRA, sentence-transformers' DenoisingAutoEncoderLoss with an untied decoder
@@ -36,11 +36,8 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from src.config import comma_list  # noqa: E402
-from src.metrics import format_difference, format_p  # noqa: E402
+from src.config import comma_list
+from src.metrics import format_difference, format_p
 
 DESIGNS = ["old-kit", "st-tied", "kit-full", "kit-lora", "kit-qlora", "kit-qlora-gc"]
 PRECISION = {"old-kit": "nf4", "st-tied": "full", "kit-full": "full", "kit-lora": "none", "kit-qlora": "nf4",
@@ -182,6 +179,25 @@ def alternate(path: str, rounds: int) -> dict:
             "speedup": {d: round(speed[d] / speed["st-tied"], 2) for d in ALTERNATING[1:]}}
 
 
+def train_and_save(design: str, path: str, texts: list[str], lr: float, seed: int, folder: Path) -> float:
+    """One design trained on `texts` (BATCH a step, the kit's noise), saved as the kit saves under folder/design;
+    -> training sentences per second."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from src.config import ModelConfig
+    from src.run_folder import save_models
+
+    torch.manual_seed(seed)  # same LoRA and decoder initialisation for every kit design
+    model, loss, optimizer, bf16 = build(design, path, lr)
+    loss.train()
+    seconds = sum(step(loss, optimizer, f, bf16) for f in tqdm(noisy_batches(model, texts, seed), desc=design))
+    model.eval()
+    (folder / design).mkdir(parents=True, exist_ok=True)
+    save_models(model, ModelConfig(model_name_or_path=path, precision=precision_of(design)), folder / design)
+    return round(len(texts) / seconds, 3)
+
+
 def quality(path: str, designs: list[str], steps: int, lr: float, folder: Path, seed: int = 0) -> dict:
     """Each design trained on the same `steps` x BATCH random training texts (same order, same noise, AdamW at
     the same learning rate), saved as the kit saves, then scored with the base model on the held-out catalog
@@ -190,32 +206,17 @@ def quality(path: str, designs: list[str], steps: int, lr: float, folder: Path, 
     import random
     import shutil
 
-    import torch
-    from tqdm.auto import tqdm
-
-    from src.config import Config, EvalConfig, ModelConfig
+    from src.config import EvalConfig
     from src.evaluation import evaluate_model, load_model
     from src.metrics import compare
     from src.retrieval_data import load_retrieval_data
-    from src.run_folder import save_models
 
     shutil.rmtree(folder, ignore_errors=True)
     texts = list(training_texts())
     random.Random(seed).shuffle(texts)
     texts = texts[: steps * BATCH]
-    trained, speed = {"base": path}, {}
-    for design in designs:
-        torch.manual_seed(seed)  # same LoRA and decoder initialisation for every kit design
-        model, loss, optimizer, bf16 = build(design, path, lr)
-        loss.train()
-        seconds = sum(step(loss, optimizer, f, bf16) for f in tqdm(noisy_batches(model, texts, seed), desc=design))
-        speed[design] = round(len(texts) / seconds, 3)
-        model.eval()
-        cfg = Config(model=ModelConfig(model_name_or_path=path, precision=precision_of(design)))
-        (folder / design).mkdir(parents=True, exist_ok=True)
-        save_models(model, cfg, folder / design)
-        trained[design] = str(folder / design / "merged")
-        del model, loss, optimizer
+    speed = {design: train_and_save(design, path, texts, lr, seed, folder) for design in designs}
+    trained = {"base": path, **{design: str(folder / design / "merged") for design in designs}}
     eval_cfg = EvalConfig()
     data = load_retrieval_data(eval_cfg.eval_data)
     per_query = {name: evaluate_model(load_model(p), data, eval_cfg)["per_query"] for name, p in trained.items()}
@@ -259,7 +260,7 @@ def quality_table(q: dict) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", default="e5-small,xlmr-large")
     parser.add_argument("--designs", default=",".join(DESIGNS))
@@ -273,31 +274,38 @@ def main() -> None:
     parser.add_argument("--output_dir", default="runs/benchmark")
     parser.add_argument("--workdir", default="/tmp/e5kit-benchmark")
     parser.add_argument("--one", nargs=3, metavar=("DESIGN", "PATH", "STEPS"), help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    return parser.parse_args(argv)
+
+
+def measure_in_child(name: str, design: str, path: str, steps: int) -> dict:
+    """One design measured in a fresh process (`--one`), so that its peak memory is its own; -> its table row."""
+    proc = subprocess.run([sys.executable, "-m", "scripts.benchmark_training", "--one", design, path, str(steps)],
+                          capture_output=True, text=True)
+    if proc.returncode < 0:  # the kernel's out-of-memory killer sends SIGKILL
+        return {"model": name, "design": design, "error": f"killed by signal {-proc.returncode} "
+                f"(out of memory on this machine?)"}
+    if proc.returncode:
+        lines = [ln for ln in proc.stderr.splitlines() if "Error" in ln] or proc.stderr.splitlines()
+        return {"model": name, "design": design, "error": (lines or [f"exit code {proc.returncode}"])[-1][:120]}
+    return {"model": name, **json.loads(proc.stdout.strip().splitlines()[-1])}
+
+
+def main() -> None:
+    args = parse_args()
     if args.one:  # child process: one design, result as JSON on the last stdout line
         print(json.dumps(measure_one(args.one[0], args.one[1], int(args.one[2]))))
         return
 
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    rows, results = [], {}
+    rows = []
     for name in comma_list(args.models):
         path = model_path(name, Path(args.workdir))
         for design in comma_list(args.designs):
             print(f"{name} / {design} ...", file=sys.stderr, flush=True)
-            proc = subprocess.run([sys.executable, __file__, "--one", design, path, str(args.steps)],
-                                  capture_output=True, text=True)
-            if proc.returncode < 0:  # the kernel's out-of-memory killer sends SIGKILL
-                rows.append({"model": name, "design": design, "error": f"killed by signal {-proc.returncode} "
-                             f"(out of memory on this machine?)"})
-            elif proc.returncode:
-                lines = [ln for ln in proc.stderr.splitlines() if "Error" in ln] or proc.stderr.splitlines()
-                error = (lines or [f"exit code {proc.returncode}"])[-1][:120]
-                rows.append({"model": name, "design": design, "error": error})
-            else:
-                rows.append({"model": name, **json.loads(proc.stdout.strip().splitlines()[-1])})
+            rows.append(measure_in_child(name, design, path, args.steps))
             print(table(rows[-1:]).splitlines()[-1], file=sys.stderr, flush=True)
-    results["designs"] = rows
+    results = {"designs": rows}
     report = ["# TSDAE training step: memory and speed", "", f"batch {BATCH}, length {LENGTH}, "
               f"{args.steps} steps per design (first untimed), fresh process per design.", "", table(rows), ""]
     e5 = model_path("e5-small", Path(args.workdir))
@@ -313,7 +321,6 @@ def main() -> None:
     (out / "benchmark.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     (out / "benchmark.md").write_text("\n".join(report), encoding="utf-8")
     print("\n".join(report))
-
 
 if __name__ == "__main__":
     main()

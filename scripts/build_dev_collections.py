@@ -1,6 +1,6 @@
 """Build the development retrieval collections under data/dev/ (documents-only domain adaptation checks).
 
-    python scripts/build_dev_collections.py [--out data/dev] [--collections a,b,c] [--workdir /tmp/dev_debs]
+    python -m scripts.build_dev_collections [--out data/dev] [--collections a,b,c] [--workdir /tmp/dev_debs]
 
 Collections:
 - ru_catalog_docs: the descriptions (no titles) of the bundled data/ru_catalog/train.jsonl as training
@@ -10,7 +10,7 @@ Collections:
   update` once) and unpacked with `dpkg-deb -x`. HTML pages are split at their headings (h1-h4): a section's
   TITLE is the query, its BODY (the title removed) the document.
 
-Rules for the Debian collections (like `holdout_split` of the catalog in scripts/build_sample_data.py):
+Rules for the Debian collections (like `holdout_split` of the catalog in scripts.build_sample_data):
 - bodies are plain text (markup stripped, whitespace squeezed, one paragraph a line), a leading repeat of the
   title removed, cut to 1,500 characters; titles lose their "4.2." numbering;
 - a title that cannot be a query (under 2 words, generic: GENERIC_TITLES, or occurring more than once in the
@@ -35,22 +35,21 @@ import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass
-from html.parser import HTMLParser
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import pandas as pd
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from scripts.manual_sections import Item, gimp_help_items, postgresql_doc_items, python_doc_items
+from src.config import comma_list
+from src.errors import KitError, run_cli
+from src.preprocess import clean_text
+from src.retrieval_data import RetrievalData, near_duplicates, save_beir
+from src.tables import read_table, write_table
+from src.text import normalized_key, tokenize
 
-from src.config import comma_list  # noqa: E402
-from src.errors import KitError, run_cli  # noqa: E402
-from src.preprocess import clean_text  # noqa: E402
-from src.retrieval_data import RetrievalData, near_duplicates, save_beir  # noqa: E402
-from src.tables import read_table, write_table  # noqa: E402
-from src.text import normalized_key  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 SEED = 0
 MAX_CHARS = 1500
@@ -68,17 +67,6 @@ GENERIC_TITLES = {normalized_key(t) for t in (
 _NUMBERING = re.compile(  # "4.2. ", "E.1. ", "Chapter 5. ", "Глава 5. "
     r"^(?:(?:Chapter|Appendix|Part|Глава|Приложение|Часть)\s+)?(?:[A-Z]|[IVX]+|\d+)(?:\.\d+)*\.\s+")
 _CYRILLIC, _LATIN = re.compile(r"[а-яё]", re.I), re.compile(r"[a-z]", re.I)
-_WORD = re.compile(r"\w+(?:[-.,/'’]\w+)*")  # the kit's word tokens, punctuation not counted
-
-
-@dataclass
-class Item:
-    """One page or section of a manual: its title and its body paragraphs (raw, cleaned later)."""
-
-    page: str
-    level: int  # heading level: a section belongs to the closest preceding item of a lower level
-    title: str
-    paragraphs: list[str]
 
 
 @dataclass
@@ -86,99 +74,6 @@ class Source:
     language: str
     package: str
     parse: Callable[[Path], list[Item]]  # unpacked package root -> items
-
-
-# --------------------------------------------------------------------------------------------------------
-# Parsers: one per documentation format
-
-
-class HeadingSplitter(HTMLParser):
-    """Generated HTML (DocBook, Sphinx) -> one item per heading (h1-h4): its text -> the text up to the next
-    heading. Navigation, tables of contents, sidebars, figure/table/example captions, permalink marks and
-    admonition headers ("Note") are skipped."""
-
-    SKIP_CLASSES = {"navheader", "navfooter", "toc", "list-of-figures", "list-of-tables", "list-of-examples",
-                    "mediaobject", "indexterm", "sphinxsidebar", "related", "footer", "mobile-nav", "headerlink",
-                    "contents", "toctree-wrapper"}
-    ADMONITIONS = {"note", "tip", "warning", "caution", "important", "seealso", "admonition"}
-    HEADINGS = {"h1", "h2", "h3", "h4"}
-    BLOCKS = {"p", "div", "li", "dt", "dd", "pre", "tr", "table", "blockquote", "br", "h5", "h6", *HEADINGS}
-    VOID = {"br", "hr", "img", "meta", "link", "col", "input", "area", "base", "wbr"}
-
-    def __init__(self, page: str):
-        super().__init__(convert_charrefs=True)
-        self.page, self.items = page, []
-        self.stack: list[tuple[str, bool, bool]] = []  # open elements: (tag, skipped, inside an admonition)
-        self.heading: list[str] | None = None
-        self.paragraph: list[str] = []
-
-    def _flush(self) -> None:
-        text = "".join(self.paragraph).strip()
-        if text and self.items:
-            self.items[-1].paragraphs.append(text)
-        self.paragraph = []
-
-    def handle_starttag(self, tag, attrs):
-        classes = set((dict(attrs).get("class") or "").split())
-        skipped, admonition = self.stack[-1][1:] if self.stack else (False, False)
-        admonition = admonition or bool(classes & self.ADMONITIONS)
-        skipped = (skipped or tag in {"head", "script", "style"} or bool(classes & self.SKIP_CLASSES)
-                   or (tag == "p" and "title" in classes)
-                   or (admonition and (tag in {"th", *self.HEADINGS} or "admonition-title" in classes)))
-        if tag in self.BLOCKS and not skipped:
-            self._flush()
-            if tag in self.HEADINGS:
-                self.heading = []
-        if tag not in self.VOID:
-            self.stack.append((tag, skipped, admonition))
-
-    def handle_endtag(self, tag):
-        if tag in self.VOID or all(t != tag for t, _, _ in self.stack):
-            return
-        while self.stack[-1][0] != tag:
-            self.stack.pop()
-        skipped = self.stack.pop()[1]
-        if tag in self.HEADINGS and self.heading is not None and not skipped:
-            self.items.append(Item(self.page, int(tag[1]), "".join(self.heading), []))
-            self.heading = None
-        elif tag in self.BLOCKS and not skipped:
-            self._flush()
-
-    def handle_data(self, data):
-        if not (self.stack and self.stack[-1][1]):
-            (self.paragraph if self.heading is None else self.heading).append(data)
-
-
-def html_items(files) -> list[Item]:
-    items = []
-    for path in files:
-        parser = HeadingSplitter(path.as_posix())
-        parser.feed(path.read_text(encoding="utf-8", errors="replace"))
-        parser.close()
-        parser._flush()
-        items.extend(parser.items)
-    return items
-
-
-def gimp_help_items(root: Path) -> list[Item]:
-    """GIMP 2.10 user manual in Russian (DocBook HTML, a page per section, split at its sub-headings)."""
-    return html_items(sorted((root / "usr/share/gimp/2.0/help/ru").glob("*.html")))
-
-
-def postgresql_doc_items(root: Path) -> list[Item]:
-    """PostgreSQL 15 manual (DocBook HTML), split at headings; the release notes (release-*.html) left out."""
-    folder = next(root.glob("usr/share/doc/postgresql-doc-*/html"))
-    return html_items(p for p in sorted(folder.glob("*.html")) if not p.name.startswith("release"))
-
-
-def python_doc_items(root: Path) -> list[Item]:
-    """Python 3.11 documentation (Sphinx HTML), split at headings; "What's New", the changelog and the index
-    pages left out."""
-    folder = next(root.glob("usr/share/doc/python3.*/html"))
-    skip = ("whatsnew/", "genindex", "py-modindex", "search.html", "contents.html", "index.html", "bugs.html",
-            "copyright.html", "license.html", "about.html", "download.html")
-    files = [p for p in sorted(folder.rglob("*.html")) if not any(k in p.relative_to(folder).as_posix() for k in skip)]
-    return html_items(files)
 
 
 SOURCES = {
@@ -223,15 +118,20 @@ def mostly_cyrillic(text: str) -> bool:
     return cyrillic > 0 and cyrillic >= latin
 
 
+def words(text: str) -> list[str]:
+    """The kit's word tokens of `text` (`src.text.tokenize`), its punctuation tokens left out."""
+    return [token for token, _ in tokenize(text) if token[0].isalnum() or token[0] == "_"]
+
+
 def n_words(text: str) -> int:
-    return len(_WORD.findall(text))
+    return len(words(text))
 
 
 def strip_title(title: str, body: str) -> str:
     """`body` without a leading repeat of `title` (case, punctuation and spacing aside)."""
-    words = _WORD.findall(title)
-    pattern = r"\W*" + r"\W+".join(map(re.escape, words)) + r"(?!\w)[\s.:;,—–()-]*"
-    match = re.match(pattern, body, re.I) if words else None
+    title_words = words(title)
+    pattern = r"\W*" + r"\W+".join(map(re.escape, title_words)) + r"(?!\w)[\s.:;,—–()-]*"
+    match = re.match(pattern, body, re.I) if title_words else None
     return body[match.end():] if match else body
 
 
@@ -328,7 +228,8 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines + ["| " + " | ".join(str(v) for v in row.values()) + " |" for row in rows])
 
 
-def words(texts) -> float:
+def mean_words(texts) -> float:
+    """Mean whitespace-separated words per text, for the table."""
     return round(float(np.mean([len(t.split()) for t in texts])), 1) if len(texts) else 0.0
 
 
@@ -346,7 +247,8 @@ def build_debian(name: str, source: Source, out: Path, workdir: Path) -> dict:
           f"the cap", file=sys.stderr)
     return {"collection": name, "lang": source.language, "source": f"{source.package} {version}",
             "documents": len(test.corpus), "train_docs": len(train), "test_queries": len(test.queries),
-            "words_per_doc": words(list(test.corpus.values())), "words_per_query": words(list(test.queries.values()))}
+            "words_per_doc": mean_words(list(test.corpus.values())),
+            "words_per_query": mean_words(list(test.queries.values()))}
 
 
 def build_catalog(out: Path) -> dict:
@@ -357,8 +259,8 @@ def build_catalog(out: Path) -> dict:
     queries = read_table(ROOT / "data/ru_catalog/test/queries.jsonl")["text"]
     corpus = read_table(ROOT / "data/ru_catalog/test/corpus.jsonl")["text"]
     return {"collection": CATALOG, "lang": "ru", "source": "data/ru_catalog (bundled)", "documents": len(corpus),
-            "train_docs": len(train), "test_queries": len(queries), "words_per_doc": words(corpus.tolist()),
-            "words_per_query": words(queries.tolist())}
+            "train_docs": len(train), "test_queries": len(queries), "words_per_doc": mean_words(corpus.tolist()),
+            "words_per_query": mean_words(queries.tolist())}
 
 
 def main(argv=None) -> None:

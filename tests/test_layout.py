@@ -52,3 +52,20 @@ def test_measured_numbers_live_in_the_readme_only():
     for path in SRC.glob("*.py"):
         hits = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if pattern.search(line)]
         assert not hits, f"{path.name}: {hits[0]}"
+
+
+def test_scripts_are_short_modules_of_their_own():
+    """scripts/ keeps src's size rules (files up to 400 lines, functions up to 40) and runs as modules from the
+    repository root (`python -m scripts.<name>`): no sys.path edits, nothing imported from tests/."""
+    for path in (ROOT / "scripts").glob("*.py"):
+        text = path.read_text(encoding="utf-8")
+        assert len(text.splitlines()) <= 400, f"scripts/{path.name}: {len(text.splitlines())} lines"
+        assert "sys.path" not in text, f"scripts/{path.name} edits sys.path"
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                length = node.end_lineno - node.lineno + 1
+                assert length <= 40, f"scripts/{path.name}: {node.name} is {length} lines"
+            modules = ([node.module or ""] if isinstance(node, ast.ImportFrom)
+                       else [a.name for a in node.names] if isinstance(node, ast.Import) else [])
+            wrong = [m for m in modules if m.split(".")[0] in {"tests", "conftest"}]
+            assert not wrong, f"scripts/{path.name} imports {wrong[0]} from tests/"
