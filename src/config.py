@@ -202,6 +202,8 @@ class EvalConfig(Settings):
                                           "model's own limit, 512 for e5).", default=0)
     bootstrap_samples: int = help_field("Bootstrap resamples for confidence intervals.", default=1000)
     max_eval_queries: int = help_field("Evaluate at most this many queries (0 = all).", default=0)
+    no_cache: bool = help_field("Compute every embedding afresh instead of reading the kit's cache of unchanged "
+                                "models' embeddings.", default=False)
 
     def validate(self):
         check_option(self.eval_batch_size >= 1, "eval_batch_size", "must be >= 1")

@@ -7,7 +7,8 @@ Metrics per query (graded relevance, several relevant documents allowed): nDCG@1
 Recall@1/5/10/100. Two models are compared on the same queries: differences with 95% paired-bootstrap
 confidence intervals, a paired randomization test, and a verdict in words (computed in src/metrics.py). Writes
 metrics.json, report.md and metrics.png (src/plots.py). The mean cosine of random pairs is reported only as an
-anisotropy diagnostic.
+anisotropy diagnostic. Embeddings of models that the evaluation does not change are read from, or stored in, the
+kit's cache (src/embedding_cache.py; --no_cache turns it off); metrics.json says, per model, which were read.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import numpy as np
 
 from src.cli import parse_groups
 from src.config import EvalConfig, EvaluationArguments
+from src.embedding_cache import EmbeddingCache
 from src.errors import KitError, first_line, run_cli
 from src.metrics import DEPTH, MAIN_METRIC, METRICS, compare, format_difference, format_p, score_rankings, verdict
 from src.plots import plot_metrics
@@ -33,12 +35,19 @@ logger = logging.getLogger(__name__)
 # Encoding and search
 
 
-def encode(model, texts: list[str], prompt_name: str | None, batch_size: int) -> tuple[np.ndarray, float]:
-    """Normalized float32 embeddings (sentence-transformers sorts by length and batches) and texts/second."""
+def encode(model, texts: list[str], prompt_name: str | None, batch_size: int,
+           cache: EmbeddingCache | None = None) -> tuple[np.ndarray, float | None]:
+    """Normalized float32 embeddings (sentence-transformers sorts by length and batches) and texts/second: read
+    from `cache` where it holds them (the speed is then None), else computed (and stored there)."""
+    if cache is not None and (emb := cache.load(texts, prompt_name)) is not None:
+        return emb, None
     started = time.perf_counter()
     emb = model.encode(texts, prompt_name=prompt_name, batch_size=batch_size, show_progress_bar=True,
-                       convert_to_numpy=True, normalize_embeddings=True)
-    return emb.astype(np.float32), len(texts) / max(time.perf_counter() - started, 1e-9)
+                       convert_to_numpy=True, normalize_embeddings=True).astype(np.float32)
+    rate = len(texts) / max(time.perf_counter() - started, 1e-9)
+    if cache is not None:
+        cache.store(texts, prompt_name, emb)
+    return emb, rate
 
 
 def build_index(doc_emb: np.ndarray, kind: str):
@@ -82,17 +91,23 @@ def prompt_names(model) -> tuple[str | None, str | None]:
     return ("query" if "query" in prompts else None), ("passage" if "passage" in prompts else None)
 
 
-def evaluate_model(model, data: RetrievalData, cfg: EvalConfig, use_prompts: bool = True) -> dict:
-    """Encode, search, score: per-query metrics, means, throughput, and diagnostics for one model."""
+def evaluate_model(model, data: RetrievalData, cfg: EvalConfig, use_prompts: bool = True,
+                   cache: EmbeddingCache | None = None) -> dict:
+    """Encode (or read from `cache`), search, score: per-query metrics, means, throughput (None where the
+    documents' embeddings were read from the cache), and diagnostics for one model."""
     query_prompt, doc_prompt = prompt_names(model) if use_prompts else (None, None)
     doc_ids, query_ids = list(data.corpus), sorted(data.qrels)
-    doc_emb, doc_rate = encode(model, [data.corpus[d] for d in doc_ids], doc_prompt, cfg.eval_batch_size)
-    query_emb, _ = encode(model, [data.queries[q] for q in query_ids], query_prompt, cfg.eval_batch_size)
+    doc_emb, doc_rate = encode(model, [data.corpus[d] for d in doc_ids], doc_prompt, cfg.eval_batch_size, cache)
+    query_emb, query_rate = encode(model, [data.queries[q] for q in query_ids], query_prompt, cfg.eval_batch_size,
+                                   cache)
     top = search(doc_emb, query_emb, cfg.index)
     rankings = {q: [doc_ids[i] for i in row if i >= 0] for q, row in zip(query_ids, top)}
     per_query = score_rankings(rankings, data.qrels)
     result = {"metrics": {m: float(v.mean()) for m, v in per_query.items()}, "per_query": per_query,
-              "documents_per_second": round(doc_rate, 1), "prompts": [query_prompt, doc_prompt],
+              "documents_per_second": None if doc_rate is None else round(doc_rate, 1),
+              "embeddings": {part: "cache" if rate is None else "computed"
+                             for part, rate in (("documents", doc_rate), ("queries", query_rate))},
+              "prompts": [query_prompt, doc_prompt],
               "max_seq_length": model.max_seq_length,
               "anisotropy_diagnostic": anisotropy(doc_emb)}
     if cfg.index != "flat":
@@ -158,7 +173,8 @@ def markdown_report(summary: dict) -> str:
     for n in names:
         r = models[n]
         a = r["anisotropy_diagnostic"]
-        lines.append(f"| {n} | {r['max_seq_length']} | {r['documents_per_second']} | {r['prompts']} | "
+        speed = "cached" if r.get("documents_per_second") is None else r["documents_per_second"]
+        lines.append(f"| {n} | {r['max_seq_length']} | {speed} | {r['prompts']} | "
                      f"{a['mean']} ± {a['std']} |")
     lines += ["", "*Mean cosine of random document pairs is a diagnostic of anisotropy (how crowded the "
               "embedding space is), not a measure of retrieval quality.", "",
@@ -183,22 +199,32 @@ def load_model(name_or_path: str, device: str = "cpu"):
                        f"({first_line(exc)})") from exc
 
 
+def evaluate_named(name: str, path: str, data: RetrievalData, cfg: EvalConfig, cached: bool) -> dict:
+    """Load one model as every compared model is configured, and evaluate it (through the cache if `cached`)."""
+    from src.provision import resolve_model
+
+    logger.info("encoding with %s (%s)", name, path)
+    folder = resolve_model(path)
+    model = load_model(str(folder))
+    if cfg.eval_max_seq_length:
+        model.max_seq_length = cfg.eval_max_seq_length
+    cache = EmbeddingCache(model, folder, cfg.eval_batch_size) if cached and not cfg.no_cache else None
+    return evaluate_model(model, data, cfg, cache=cache)
+
+
 def run_evaluation(models: dict[str, str], cfg: EvalConfig, folder: Path, seed: int = EvaluationArguments.seed,
-                   data: RetrievalData | None = None, report_paths: dict[str, str] | None = None) -> dict:
+                   data: RetrievalData | None = None, report_paths: dict[str, str] | None = None,
+                   cached: set[str] | None = None) -> dict:
     """Evaluate named models (first = candidate, second = baseline) and write the reports into `folder`. `data`:
     already loaded evaluation data (else read from cfg.eval_data); `report_paths`: how the report names the
-    models, where they will not stay where they are evaluated."""
+    models, where they will not stay where they are evaluated; `cached`: the models whose embeddings may be
+    read from and stored in the kit's cache (None = all; cfg.no_cache = none)."""
     if data is None:
         data = load_retrieval_data(cfg.eval_data, cfg.query_column, cfg.document_column)
     data = data.subset(cfg.max_eval_queries, seed)
     logger.info("evaluating on %s: %d queries, %d documents", data.source, len(data.queries), len(data.corpus))
-    results = {}
-    for name, path in models.items():
-        logger.info("encoding with %s (%s)", name, path)
-        model = load_model(path)
-        if cfg.eval_max_seq_length:
-            model.max_seq_length = cfg.eval_max_seq_length
-        results[name] = evaluate_model(model, data, cfg)
+    results = {name: evaluate_named(name, path, data, cfg, cached is None or name in cached)
+               for name, path in models.items()}
     names = list(results)
     comparison = (compare(results[names[0]]["per_query"], results[names[1]]["per_query"], cfg.bootstrap_samples, seed)
                   if len(names) == 2 else None)
@@ -217,11 +243,12 @@ def run_evaluation(models: dict[str, str], cfg: EvalConfig, folder: Path, seed: 
 
 def evaluate_run(cfg, folder: Path, data: RetrievalData) -> dict:
     """Called by the trainer: the merged model of this run, still in its `.partial` folder, against the base
-    model. Seeded as `python -m src.evaluation` is by default, so that rerunning it gives the same intervals."""
+    model. Seeded as `python -m src.evaluation` is by default, so that rerunning it gives the same intervals.
+    Only the base's embeddings go through the cache: the merged model is new in every run."""
     base = cfg.model.model_name_or_path
     summary = run_evaluation({"adapted": str(folder / "merged"), "base": base}, cfg.eval, folder / "evaluation",
                              data=data, report_paths={"adapted": str(Path(cfg.output.output_dir) / "merged"),
-                                                      "base": base})
+                                                      "base": base}, cached={"base"})
     comp = summary["comparison"]
     return {"verdict": comp["verdict"], MAIN_METRIC: comp["metrics"][MAIN_METRIC],
             "adapted": summary["models"]["adapted"]["metrics"], "base": summary["models"]["base"]["metrics"]}

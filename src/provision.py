@@ -53,8 +53,13 @@ def mean_pooled(transformer, prompts: dict | None, device: str = "cpu"):
     return SentenceTransformer(modules=[transformer, pooling, Normalize()], prompts=prompts, device=device)
 
 
+def kit_cache() -> Path:
+    """The kit's user cache, $E5KIT_CACHE or ~/.cache/e5kit: models/ (here) and embeddings/ (embedding_cache)."""
+    return Path(os.environ.get("E5KIT_CACHE", Path.home() / ".cache" / "e5kit"))
+
+
 def cache_root() -> Path:
-    return Path(os.environ.get("E5KIT_CACHE", Path.home() / ".cache" / "e5kit")) / "models"
+    return kit_cache() / "models"
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -8,8 +8,8 @@ from conftest import ROOT
 
 # README order, bottom layer first: a module may import only modules before it.
 LAYERS = ("errors config cli tables text preprocess noise create_dataset document_pairs retrieval_data metrics plots "
-          "provision model_builder tsdae objectives selection callbacks run_folder run_summary evaluation "
-          "trainer").split()
+          "provision embedding_cache model_builder tsdae objectives selection callbacks run_folder run_summary "
+          "evaluation trainer").split()
 SRC = ROOT / "src"
 
 

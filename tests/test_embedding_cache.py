@@ -1,0 +1,132 @@
+"""The kit's cache of unchanged models' embeddings: reused bit for bit, recomputed whenever a key part changes,
+never trusted when damaged, and off with no_cache."""
+
+import json
+import shutil
+
+import pytest
+from conftest import RU_TRAIN
+
+from src.config import EvalConfig
+from src.embedding_cache import weights_fingerprint
+from src.evaluation import run_evaluation
+
+
+@pytest.fixture
+def cache_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("E5KIT_CACHE", str(tmp_path / "kit"))
+    return tmp_path / "kit" / "embeddings"
+
+
+def _pairs(path, n=30, changed_row=None):
+    with RU_TRAIN.open(encoding="utf-8") as fh:
+        rows = [json.loads(line) for _, line in zip(range(n), fh)]
+    if changed_row is not None:
+        rows[changed_row]["description"] += " (изменено)"
+    path.write_text("".join(json.dumps({"query": r["title"], "document": r["description"]}, ensure_ascii=False)
+                            + "\n" for r in rows), encoding="utf-8")
+    return str(path)
+
+
+def _evaluate(folder, models, pairs, cached=None, **options) -> dict:
+    cfg = EvalConfig(eval_data=pairs, bootstrap_samples=100, eval_batch_size=16, **options)
+    run_evaluation(models, cfg, folder, cached=cached)
+    return json.loads((folder / "metrics.json").read_text(encoding="utf-8"))["models"]
+
+
+def _scores(entry: dict) -> tuple:
+    return entry["metrics"], entry["anisotropy_diagnostic"]
+
+
+def test_repeated_evaluation_reads_the_cache_and_gives_identical_metrics(tmp_path, cache_dir, tiny_bert):
+    pairs = _pairs(tmp_path / "pairs.jsonl")
+    first = _evaluate(tmp_path / "first", {"model": str(tiny_bert)}, pairs)["model"]
+    assert first["embeddings"] == {"documents": "computed", "queries": "computed"}
+    assert first["documents_per_second"] > 0
+    assert len(list(cache_dir.glob("*.npy"))) == 2 and len(list(cache_dir.glob("*.json"))) == 2
+    second = _evaluate(tmp_path / "second", {"model": str(tiny_bert)}, pairs)["model"]
+    assert second["embeddings"] == {"documents": "cache", "queries": "cache"}
+    assert _scores(second) == _scores(first)  # bit-identical: exact equality of the floats
+    assert second["documents_per_second"] is None
+    assert "| cached |" in (tmp_path / "second" / "report.md").read_text(encoding="utf-8")
+    # the key is the folder's content, not its path; only the models named in `cached` use the cache
+    copy = shutil.copytree(tiny_bert, tmp_path / "copy")
+    both = _evaluate(tmp_path / "both", {"adapted": str(copy), "base": str(tiny_bert)}, pairs, cached={"base"})
+    assert both["adapted"]["embeddings"]["documents"] == "computed"
+    assert both["base"]["embeddings"] == {"documents": "cache", "queries": "cache"}
+    assert _scores(both["adapted"]) == _scores(first) and len(list(cache_dir.glob("*.npy"))) == 2
+
+
+def test_a_changed_corpus_or_max_length_recomputes(tmp_path, cache_dir, tiny_bert):
+    models = {"model": str(tiny_bert)}
+    first = _evaluate(tmp_path / "first", models, _pairs(tmp_path / "pairs.jsonl"))["model"]
+    changed = _evaluate(tmp_path / "corpus", models, _pairs(tmp_path / "changed.jsonl", changed_row=3))["model"]
+    assert changed["embeddings"] == {"documents": "computed", "queries": "cache"}
+    shorter = _evaluate(tmp_path / "short", models, str(tmp_path / "pairs.jsonl"), eval_max_seq_length=16)["model"]
+    assert shorter["embeddings"] == {"documents": "computed", "queries": "computed"}
+    assert shorter["max_seq_length"] == 16 and _scores(shorter) != _scores(first)
+    again = _evaluate(tmp_path / "again", models, str(tmp_path / "pairs.jsonl"), eval_max_seq_length=16)["model"]
+    assert again["embeddings"] == {"documents": "cache", "queries": "cache"} and _scores(again) == _scores(shorter)
+    assert len(list(cache_dir.glob("*.npy"))) == 5
+
+
+def _garbage(cache_dir):
+    for npy in cache_dir.glob("*.npy"):
+        npy.write_bytes(b"\x00not an array\xff" * 10)
+
+
+def _foreign_header(cache_dir):
+    a, b = sorted(cache_dir.glob("*.json"))
+    a_text = a.read_text()
+    a.write_text(b.read_text())
+    b.write_text(a_text)
+
+
+def _changed_value(cache_dir):
+    for npy in cache_dir.glob("*.npy"):
+        data = bytearray(npy.read_bytes())
+        data[-3] ^= 0x40  # a float of the last row: the file still loads, its checksum no longer matches
+        npy.write_bytes(bytes(data))
+
+
+def _truncated(cache_dir):
+    for npy in cache_dir.glob("*.npy"):
+        npy.write_bytes(npy.read_bytes()[:200])
+
+
+@pytest.mark.parametrize("damage", [_garbage, _foreign_header, _changed_value, _truncated],
+                         ids=["garbage", "foreign header", "changed value", "truncated"])
+def test_a_damaged_entry_is_recomputed_with_a_warning(tmp_path, cache_dir, tiny_bert, caplog, damage):
+    pairs, models = _pairs(tmp_path / "pairs.jsonl"), {"model": str(tiny_bert)}
+    first = _evaluate(tmp_path / "first", models, pairs)["model"]
+    damage(cache_dir)
+    with caplog.at_level("WARNING", logger="src.embedding_cache"):
+        again = _evaluate(tmp_path / "again", models, pairs)["model"]
+    warnings = [r.getMessage() for r in caplog.records if r.name == "src.embedding_cache"]
+    assert len(warnings) == 2 and all("computing these embeddings afresh" in w for w in warnings)
+    assert again["embeddings"] == {"documents": "computed", "queries": "computed"}
+    assert _scores(again) == _scores(first)
+    caplog.clear()
+    repaired = _evaluate(tmp_path / "repaired", models, pairs)["model"]  # the damaged entries were overwritten
+    assert repaired["embeddings"] == {"documents": "cache", "queries": "cache"} and not caplog.records
+
+
+def test_no_cache_computes_and_writes_nothing(tmp_path, cache_dir, tiny_bert):
+    pairs, models = _pairs(tmp_path / "pairs.jsonl"), {"model": str(tiny_bert)}
+    first = _evaluate(tmp_path / "first", models, pairs, no_cache=True)["model"]
+    assert first["embeddings"] == {"documents": "computed", "queries": "computed"} and not cache_dir.exists()
+    cached = _evaluate(tmp_path / "cached", models, pairs)["model"]
+    again = _evaluate(tmp_path / "again", models, pairs, no_cache=True)["model"]
+    assert again["embeddings"]["documents"] == "computed" and _scores(again) == _scores(first) == _scores(cached)
+
+
+def test_the_fingerprint_follows_the_weights_not_the_path(tmp_path, tiny_bert):
+    copy = shutil.copytree(tiny_bert, tmp_path / "copy")
+    assert weights_fingerprint(copy) == weights_fingerprint(tiny_bert)
+    (copy / "README.md").write_text("notes")  # not read by the model
+    assert weights_fingerprint(copy) == weights_fingerprint(tiny_bert)
+    weights = next(copy.glob("*.safetensors"))
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0x01
+    weights.write_bytes(bytes(data))
+    assert weights_fingerprint(copy) != weights_fingerprint(tiny_bert)
