@@ -20,6 +20,7 @@ from pathlib import Path
 from safetensors.torch import load_file
 
 from scripts.tiny_model import save_tiny_bert
+from src.checkpoints import CHECKPOINTS, checkpoint_step
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -33,15 +34,15 @@ def command(model: Path, output_dir: Path, args, resume: bool) -> list[str]:
 
 
 def last_step(checkpoints: Path) -> int:
-    steps = [int(p.name.split("-")[1]) for p in checkpoints.glob("checkpoint-*")] if checkpoints.is_dir() else []
-    return max(steps, default=0)
+    steps = [checkpoint_step(p) for p in checkpoints.glob("checkpoint-*")] if checkpoints.is_dir() else []
+    return max((s for s in steps if s is not None), default=0)
 
 
 def run_killed(model: Path, output_dir: Path, args) -> int:
     """Train into output_dir, SIGKILLed `args.kills` times at random moments after a new checkpoint and resumed
     each time, until the run finishes; -> the number of kills."""
     rng = random.Random(args.seed)
-    checkpoints = output_dir.with_name(output_dir.name + ".partial") / "checkpoints"
+    checkpoints = output_dir.with_name(output_dir.name + ".partial") / CHECKPOINTS
     kills, resumed = 0, False
     while not output_dir.exists():
         proc = subprocess.Popen(command(model, output_dir, args, resumed), cwd=ROOT,

@@ -1,7 +1,11 @@
 """The one command-line path of every module: dataclass settings from defaults < a --config file < options.
 
 A config file may be flat (`learning_rate: 1e-4`) or grouped (`train: {learning_rate: 1e-4}`); a run's own
-config.json works as one. Every mistake is one line (`error: ...`, exit code 2), never argparse's usage dump.
+config.json works as one (its `resolved` record, what the run made of the settings, is skipped). Every mistake is
+one line (`error: ...`, exit code 2), never argparse's usage dump.
+
+    python -m src.cli --help                                 # every option of the trainer, with its help
+    python -m src.cli --config my.yaml --learning_rate 5e-5  # the settings those resolve to, as JSON
 """
 
 from __future__ import annotations
@@ -14,7 +18,9 @@ from pathlib import Path
 from transformers import HfArgumentParser
 
 from src.config import ALL_GROUPS, GROUPS, Config
-from src.errors import UsageError, first_line
+from src.errors import UsageError, first_line, run_cli
+
+RESOLVED = "resolved"  # a run's config.json: the plan it resolved (src/plan.py), beside the requested groups
 
 
 def _read_config_file(path: str, groups: dict) -> dict:
@@ -40,6 +46,8 @@ def _read_config_file(path: str, groups: dict) -> dict:
         raise UsageError(f"config file {path}: expected a mapping of option: value")
     flat = {}
     for key, value in raw.items():
+        if key == RESOLVED:
+            continue
         if not (key in ALL_GROUPS and isinstance(value, dict)):
             flat[key] = value
         elif key in groups:
@@ -95,3 +103,11 @@ def parse_groups(groups: dict, argv: list[str] | None = None) -> dict:
 def parse_config(argv: list[str] | None = None) -> Config:
     """The trainer's settings (every group of Config)."""
     return Config(**parse_groups(GROUPS, argv))
+
+
+def main(argv=None) -> None:
+    print(json.dumps(parse_config(argv).to_dict(), indent=2, ensure_ascii=False))
+
+
+if __name__ == "__main__":
+    run_cli(main)

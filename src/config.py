@@ -1,23 +1,26 @@
 """Typed settings, grouped by concern; each group checks its values when it is built.
 
-Every field has a default and help text; `python -m src.config --help` lists them all, and
-`python -m src.config [--config FILE] [--option value ...]` prints the resolved settings as JSON. Every command
-reads its settings through `src.cli.parse_groups`, so `--config` and the one-line errors work alike.
+Every field has a default and help text (`python -m src.cli --help`); every command reads its settings through
+`src.cli.parse_groups`. What a run makes of them once it has seen its data is src/plan.py's, never written back.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from src.errors import UsageError, run_cli
+from src.errors import UsageError
 
 DEFAULT_MODEL = "intfloat/multilingual-e5-small"
-OBJECTIVE_PARTS = ("mnrl", "ict", "crop", "lead", "simcse", "tsdae")  # registered in src/objectives.py
+# Pairs built from documents alone (src/document_pairs.py), in the order `--dev_construction auto` prefers them.
+DOCUMENT_CONSTRUCTIONS = ("crop", "lead", "ict")
+OBJECTIVE_PARTS = ("mnrl", *DOCUMENT_CONSTRUCTIONS, "simcse", "tsdae")  # each built by src/objectives.py's PARTS
+# Random streams drawn from one --seed: development pairs (and noise) and the distractor pool must not repeat the
+# training draws, so each stream offsets the seed by its position here.
+SEED_STREAMS = ("train", "development", "distractors")
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 
 
@@ -90,7 +93,7 @@ class ModelConfig(Settings):
     lora_r: int = help_field("LoRA rank.", default=16)
     lora_alpha: int = help_field("LoRA alpha (scale = alpha / r).", default=32)
     lora_dropout: float = help_field("LoRA dropout. At 0 peft skips the op, a faster step (random masks over every "
-                                     "adapted layer's input cost time; README, speed).", default=0.0)
+                                     "adapted layer's input cost time; docs/RESULTS.md).", default=0.0)
     attention_dropout: float = help_field(
         "Dropout on attention weights while training (e5 and BERT were trained with 0.1). At 0 PyTorch runs its "
         "fused attention kernel instead of materialising the weights: a faster step.", default=0.0)
@@ -114,7 +117,7 @@ class TrainConfig(Settings):
         "one part or several joined by '+' (e.g. tsdae+lead): mnrl: (query, document) pairs from --pair_columns; "
         "ict: a sentence of a document -> the rest; crop: two random spans of a document; lead: a document's "
         "leading line or sentence -> the rest; simcse: dropout-noise contrastive on texts; tsdae: denoising "
-        "auto-encoder on texts. See README for measured results.", default="auto")
+        "auto-encoder on texts. Measured results: docs/RESULTS.md.", default="auto")
     learning_rate: float = help_field("Peak learning rate (measured default for LoRA + mnrl; TSDAE/SimCSE on e5 want "
                                       "far less, e.g. 2e-5).", default=1e-4)
     batch_size: int = help_field("Texts (or pairs) per device per step; mnrl/simcse use the rest of the batch as "
@@ -128,7 +131,7 @@ class TrainConfig(Settings):
     weight_decay: float = help_field("AdamW weight decay.", default=0.0)
     gradient_checkpointing: bool = help_field(
         "Recompute activations in backward: less peak memory (far less for large encoders) for a slower step "
-        "(README, memory). Turn off (--gradient_checkpointing false) when memory is plentiful.", default=True)
+        "(docs/RESULTS.md). Turn off (--gradient_checkpointing false) when memory is plentiful.", default=True)
     decoder_vocab: Literal["corpus", "full"] = help_field("Decoder softmax over the token ids of the training texts "
                                                           "(all targets lie there; faster) or all.", default="corpus")
     decoder_warmup_steps: int = help_field("TSDAE: optimizer steps during which only the decoder's new weights learn "
@@ -146,9 +149,10 @@ class TrainConfig(Settings):
     eval_steps: int = help_field("Evaluate on the development split every N steps.", default=10)
     select_best: bool = help_field("Keep the state with the best development nDCG@10 (step 0 = the base model): "
                                    "held-out items' --pair_columns, or pairs of held-out documents.", default=True)
-    dev_construction: Literal["auto", "lead", "ict", "crop"] = help_field(
-        "How development pairs are built from held-out documents when the file has no pair columns. auto: the first "
-        "of crop, lead, ict that the objective does not train on (README, documents alone).", default="auto")
+    dev_construction: str = help_field(
+        "How development pairs are built from held-out documents when the file has no pair columns: auto, "
+        f"{', '.join(DOCUMENT_CONSTRUCTIONS)}. auto: the first of those that the objective does not train on.",
+        default="auto")
     monitor_data: str = help_field("Labelled held-out data (as --eval_data) scored at every development evaluation "
                                    "and logged, never selected on: does the development signal agree with real "
                                    "queries? '' = off.", default="")
@@ -181,6 +185,12 @@ class TrainConfig(Settings):
         check_option(all(0 < s < 1 for s in self.lora_scale_values()), "lora_scales",
                      "must be numbers between 0 and 1, comma-separated")
         check_option(self.select_best or not self.monitor_data, "monitor_data", "needs --select_best true")
+        check_option(self.dev_construction in ("auto", *DOCUMENT_CONSTRUCTIONS), "dev_construction",
+                     f"must be auto or one of {', '.join(DOCUMENT_CONSTRUCTIONS)}")
+
+    def seed_for(self, stream: str) -> int:
+        """The seed of one of SEED_STREAMS."""
+        return self.seed + SEED_STREAMS.index(stream)
 
     def lora_scale_values(self) -> list[float]:
         try:
@@ -278,9 +288,6 @@ class Config:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
-    def save(self, path: Path) -> None:
-        path.write_text(json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-
 
 def check_option(ok: bool, option: str, message: str) -> None:
     if not ok:
@@ -290,13 +297,3 @@ def check_option(ok: bool, option: str, message: str) -> None:
 def check_minimum(settings, minimum: float, *options: str) -> None:
     for option in options:
         check_option(getattr(settings, option) >= minimum, option, f"must be >= {minimum}")
-
-
-def main(argv=None) -> None:
-    from src.cli import parse_config  # the parser is built from these classes, so it lives a layer above them
-
-    print(json.dumps(parse_config(argv).to_dict(), indent=2, ensure_ascii=False))
-
-
-if __name__ == "__main__":
-    run_cli(main)

@@ -1,7 +1,9 @@
 """The training corpus: a file of records -> training and development texts and (query, document) pairs.
 
 `load_training_data`: clean, length-filtered, deduplicated (optionally split) texts, and (query, document) pairs
-where the file has them, with a deterministic train/development split by item.
+where the file has them, with a deterministic train/development split by item. `pairs_dataset`: pairs -> the
+(anchor, positive) `datasets.Dataset` the contrastive objectives train on (the documents' own pair datasets are
+drawn afresh every epoch: src/document_pairs.py).
 
     python -m src.create_dataset --train_file data/ru_catalog/train.jsonl   # stats + noisy examples
 """
@@ -85,9 +87,21 @@ def clean_pairs(queries, documents, max_chars: int) -> list[tuple[str, str]]:
     return kept
 
 
+def split_rows(frame: pd.DataFrame, cfg: DataConfig, seed: int, holdout: float) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(development rows, training rows): shuffled by seed, capped at --max_train_texts, `holdout` of them held out."""
+    frame = frame.iloc[np.random.default_rng(seed).permutation(len(frame))]
+    if cfg.max_train_texts:
+        frame = frame.iloc[: cfg.max_train_texts]
+    n_dev = int(round(len(frame) * holdout))
+    if n_dev:  # a small file still gets enough development items to tell checkpoints apart (or a fifth of it)
+        n_dev = max(n_dev, min(MIN_DEV_ITEMS, len(frame) // 5))
+    return frame.iloc[:n_dev], frame.iloc[n_dev:]
+
+
 def load_training_data(cfg: DataConfig, seed: int, need_texts: bool = True, need_pairs: bool = False,
-                       frame: pd.DataFrame | None = None) -> TrainingData:
-    """Read `cfg.train_file` (or take its already read `frame`) -> TrainingData, split deterministically by seed.
+                       frame: pd.DataFrame | None = None, holdout: float | None = None) -> TrainingData:
+    """Read `cfg.train_file` (or take its already read `frame`) -> TrainingData, split deterministically by seed,
+    `holdout` of the rows (default --validation_fraction; the run's plan passes 0 when nothing selects) held out.
     Pairs are read when the file has `cfg.pair_columns` (required when `need_pairs`)."""
     frame = read_table(cfg.train_file, cfg.text_column) if frame is None else frame
     pair_columns = cfg.pair_column_names()
@@ -95,13 +109,7 @@ def load_training_data(cfg: DataConfig, seed: int, need_texts: bool = True, need
         require_columns(frame, pair_columns, cfg.train_file)
     if need_texts:
         require_columns(frame, [cfg.text_column], cfg.train_file)
-    frame = frame.iloc[np.random.default_rng(seed).permutation(len(frame))]
-    if cfg.max_train_texts:
-        frame = frame.iloc[: cfg.max_train_texts]
-    n_dev = int(round(len(frame) * cfg.validation_fraction))
-    if n_dev:  # a small file still gets enough development items to tell checkpoints apart (or a fifth of it)
-        n_dev = max(n_dev, min(MIN_DEV_ITEMS, len(frame) // 5))
-    dev, train = frame.iloc[:n_dev], frame.iloc[n_dev:]
+    dev, train = split_rows(frame, cfg, seed, cfg.validation_fraction if holdout is None else holdout)
     data = TrainingData([], [])
     if need_texts:
         data.texts, counts = clean_corpus(train[cfg.text_column].tolist(), cfg)
@@ -125,6 +133,12 @@ def load_training_data(cfg: DataConfig, seed: int, need_texts: bool = True, need
         logger.info("%s: %d training pairs, %d development pairs (%s -> %s)", cfg.train_file, len(data.pairs),
                     len(data.dev_pairs), *pair_columns)
     return data
+
+
+def pairs_dataset(pairs: list[tuple[str, str]]):
+    from datasets import Dataset
+
+    return Dataset.from_dict({"anchor": [q for q, _ in pairs], "positive": [d for _, d in pairs]})
 
 
 def main(argv=None) -> None:

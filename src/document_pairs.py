@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from src.config import DOCUMENT_CONSTRUCTIONS
 from src.text import SENTENCE_END, join, tokenize
 
-CONSTRUCTIONS = ("ict", "crop", "lead")
 ICT_KEEP = 0.1  # Lee et al.: the query sentence stays in its document 10% of the time
 CROP_RATIO = (0.1, 0.5)  # Izacard et al.: each span covers 10-50% of the document
 SPAN_WORDS = (4, 16)  # query length when a document has a single sentence: about a title's
@@ -53,8 +53,8 @@ class DocumentPairs:
     """
 
     def __init__(self, kind: str, seed: int):
-        if kind not in CONSTRUCTIONS:
-            raise ValueError(f"unknown construction '{kind}' (use {', '.join(CONSTRUCTIONS)})")
+        if kind not in DOCUMENT_CONSTRUCTIONS:
+            raise ValueError(f"unknown construction '{kind}' (use {', '.join(DOCUMENT_CONSTRUCTIONS)})")
         self.kind, self.seed, self.epoch = kind, seed, 0
 
     def __call__(self, text: str, index: int) -> tuple[str, str]:

@@ -29,6 +29,9 @@ from src.plots import plot_metrics
 from src.retrieval_data import RetrievalData, load_retrieval_data
 
 logger = logging.getLogger(__name__)
+# FAISS trains IVF centroids by k-means and warns below 39 training points per centroid (faiss/Clustering.h):
+# fewer lists on a small collection, rather than centroids fitted to a handful of documents.
+IVF_MIN_POINTS_PER_LIST = 39
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -60,7 +63,7 @@ def build_index(doc_emb: np.ndarray, kind: str):
         index = faiss.IndexHNSWFlat(dim, 32, faiss.METRIC_INNER_PRODUCT)
         index.hnsw.efSearch = 128
     else:  # ivf: about 4*sqrt(N) lists, searched 1/8 of them at a time
-        nlist = max(1, min(int(4 * np.sqrt(len(doc_emb))), len(doc_emb) // 39))
+        nlist = max(1, min(int(4 * np.sqrt(len(doc_emb))), len(doc_emb) // IVF_MIN_POINTS_PER_LIST))
         index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
         index.train(doc_emb)
         index.nprobe = max(1, nlist // 8)
@@ -241,14 +244,14 @@ def run_evaluation(models: dict[str, str], cfg: EvalConfig, folder: Path, seed: 
     return summary
 
 
-def evaluate_run(cfg, folder: Path, data: RetrievalData) -> dict:
-    """Called by the trainer: the merged model of this run, still in its `.partial` folder, against the base
-    model. Seeded as `python -m src.evaluation` is by default, so that rerunning it gives the same intervals.
-    Only the base's embeddings go through the cache: the merged model is new in every run."""
-    base = cfg.model.model_name_or_path
-    summary = run_evaluation({"adapted": str(folder / "merged"), "base": base}, cfg.eval, folder / "evaluation",
-                             data=data, report_paths={"adapted": str(Path(cfg.output.output_dir) / "merged"),
-                                                      "base": base}, cached={"base"})
+def evaluate_run(cfg: EvalConfig, base: str, output_dir: str, folder: Path, data: RetrievalData) -> dict:
+    """Called by the trainer: the merged model of this run, still in its `.partial` folder (`folder`, to become
+    `output_dir`), against the `base` model. Seeded as `python -m src.evaluation` is by default, so that rerunning
+    it gives the same intervals. Only the base's embeddings go through the cache: the merged model is new in every
+    run."""
+    summary = run_evaluation({"adapted": str(folder / "merged"), "base": base}, cfg, folder / "evaluation",
+                             data=data, report_paths={"adapted": str(Path(output_dir) / "merged"), "base": base},
+                             cached={"base"})
     comp = summary["comparison"]
     return {"verdict": comp["verdict"], MAIN_METRIC: comp["metrics"][MAIN_METRIC],
             "adapted": summary["models"]["adapted"]["metrics"], "base": summary["models"]["base"]["metrics"]}

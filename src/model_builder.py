@@ -144,9 +144,9 @@ def world_rank() -> int:
 
 
 def checkpointing_kwargs() -> dict:
-    """Reentrant checkpointing peaks lower (README, "Training memory and speed"), but it runs a separate backward
-    per layer, and the TSDAE decoder passes through the same layers again: DDP would see a parameter reported ready
-    twice. So: non-reentrant under torchrun only."""
+    """Reentrant checkpointing peaks lower (docs/RESULTS.md, "Training memory and speed"), but it runs a separate
+    backward per layer, and the TSDAE decoder passes through the same layers again: DDP would see a parameter
+    reported ready twice. So: non-reentrant under torchrun only."""
     return {"use_reentrant": world_size() == 1}
 
 

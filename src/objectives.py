@@ -10,18 +10,16 @@ in proportion (the trainer's multi-dataset mode). The parts:
     simcse  the same text twice, different dropout masks
     tsdae   denoising auto-encoder on single texts                                       (src/tsdae.py)
 
-All but tsdae use in-batch negatives (MultipleNegativesRankingLoss). `auto`, the default, picks `mnrl` when the
-training file has the pair columns and DOCUMENTS_DEFAULT otherwise (README: measured on every development
-collection). Model selection, on development pairs, is src/selection.py.
+All but tsdae use in-batch negatives (MultipleNegativesRankingLoss). What `auto` resolves to is src/plan.py's
+decision; model selection, on development pairs, is src/selection.py.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -29,20 +27,13 @@ from sentence_transformers import SentenceTransformer
 from sentence_transformers.base.losses.merged_forward import embed_columns
 from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
 
-from src.config import OBJECTIVE_PARTS, Config, TrainConfig
-from src.create_dataset import TrainingData
+from src.config import DOCUMENT_CONSTRUCTIONS, NoiseConfig, TrainConfig
+from src.create_dataset import TrainingData, pairs_dataset
 from src.document_pairs import DocumentPairs, document_pairs_dataset
-from src.errors import UsageError
 from src.noise import WordNoise, noisy_dataset
 from src.tsdae import TSDAELoss, corpus_vocabulary
 
 logger = logging.getLogger(__name__)
-
-DOCUMENTS_DEFAULT = "lead"  # what `auto` trains on documents alone: the best measured recipe (README)
-# ... on this many pairs, with no model selection. On every development collection the held-out titles gained
-# within the first few hundred pairs, and one epoch on the largest lost up to 6 points; no label-free development
-# signal ranked checkpoints as the titles did, and selecting on crop pairs vetoed a +3 point gain (README).
-DOCUMENTS_PAIRS = 320
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -91,68 +82,63 @@ class BaseAnchoredLoss(torch.nn.Module):
         return loss + self.weight * drift
 
 
-def contrastive_loss(cfg: Config, model: SentenceTransformer):
-    loss = MultipleNegativesRankingLoss(model, scale=cfg.train.mnrl_scale)
-    return BaseAnchoredLoss(model, loss, cfg.train.anchor_weight) if cfg.train.anchor_weight else loss
+def contrastive_loss(train: TrainConfig, model: SentenceTransformer):
+    loss = MultipleNegativesRankingLoss(model, scale=train.mnrl_scale)
+    return BaseAnchoredLoss(model, loss, train.anchor_weight) if train.anchor_weight else loss
 
 
 # --------------------------------------------------------------------------------------------------------
 # The parts
 
 
-def pairs_dataset(pairs: list[tuple[str, str]]):
-    from datasets import Dataset
-
-    return Dataset.from_dict({"anchor": [q for q, _ in pairs], "positive": [d for _, d in pairs]})
-
-
 @dataclass
-class Built:
-    """One part, built: its training and development datasets, loss, column prompts, and what the trainer must
-    know about (the TSDAE decoder, the epoch-dependent randomness)."""
+class Objective:
+    """What the trainer needs: training and development datasets, loss and column prompts (for one part; dicts
+    keyed by part when there are several), the TSDAE decoder when there is one, and what must hear about each
+    new epoch (anything with an `epoch` attribute: WordNoise, DocumentPairs)."""
 
-    train: object
-    dev: object
+    train_dataset: object
+    eval_dataset: object
     loss: object
     prompts: dict
     decoder: torch.nn.Module | None = None
-    epoch_aware: object = None  # anything with an `epoch` attribute: WordNoise, DocumentPairs
+    epoch_aware: list = field(default_factory=list)
 
 
-def build_tsdae(cfg: Config, model, data: TrainingData, prompts: dict) -> Built:
+def build_tsdae(train: TrainConfig, noise: NoiseConfig, model, data: TrainingData, prompts: dict) -> Objective:
     vocab = None
-    if cfg.train.decoder_vocab == "corpus":
+    if train.decoder_vocab == "corpus":
         vocab = corpus_vocabulary(model, data.texts + data.dev_texts)
         logger.info("decoder softmax over %d corpus tokens (of %d)", len(vocab), model[0].auto_model.config.vocab_size)
-    loss = TSDAELoss(model, vocab, cfg.train.loss_chunk_tokens, cfg.train.gradient_checkpointing)
-    noise = WordNoise(cfg.noise, cfg.train.seed)
+    loss = TSDAELoss(model, vocab, train.loss_chunk_tokens, train.gradient_checkpointing)
+    words = WordNoise(noise, train.seed_for("train"))
     # fixed noise on the development texts: comparable losses from one evaluation to the next
-    dev = noisy_dataset(data.dev_texts, WordNoise(cfg.noise, cfg.train.seed + 1)) if data.dev_texts else None
+    dev = noisy_dataset(data.dev_texts, WordNoise(noise, train.seed_for("development"))) if data.dev_texts else None
     passage = prompts.get("passage")
     prompts = {"noisy": passage} if passage else {}
-    return Built(noisy_dataset(data.texts, noise), dev, loss, prompts, loss.decoder, noise)
+    return Objective(noisy_dataset(data.texts, words), dev, loss, prompts, loss.decoder, [words])
 
 
-def build_simcse(cfg: Config, model, data: TrainingData, prompts: dict) -> Built:
+def build_simcse(train: TrainConfig, noise: NoiseConfig, model, data: TrainingData, prompts: dict) -> Objective:
     # Dropout is the only noise: the two copies of a text differ by their dropout masks (Gao et al. 2021).
     dev = pairs_dataset([(t, t) for t in data.dev_texts]) if data.dev_texts else None
     passage = prompts.get("passage")
-    return Built(pairs_dataset([(t, t) for t in data.texts]), dev, contrastive_loss(cfg, model),
-                 {"anchor": passage, "positive": passage} if passage else {})
+    return Objective(pairs_dataset([(t, t) for t in data.texts]), dev, contrastive_loss(train, model),
+                     {"anchor": passage, "positive": passage} if passage else {})
 
 
-def build_mnrl(cfg: Config, model, data: TrainingData, prompts: dict) -> Built:
-    return Built(pairs_dataset(data.pairs), pairs_dataset(data.dev_pairs) if data.dev_pairs else None,
-                 contrastive_loss(cfg, model), query_passage_prompts(prompts))
+def build_mnrl(train: TrainConfig, noise: NoiseConfig, model, data: TrainingData, prompts: dict) -> Objective:
+    return Objective(pairs_dataset(data.pairs), pairs_dataset(data.dev_pairs) if data.dev_pairs else None,
+                     contrastive_loss(train, model), query_passage_prompts(prompts))
 
 
 def document_part(kind: str) -> Callable:
-    def build(cfg: Config, model, data: TrainingData, prompts: dict) -> Built:
-        pairs = DocumentPairs(kind, cfg.train.seed)
-        dev_pairs = DocumentPairs(kind, cfg.train.seed + 1)
+    def build(train: TrainConfig, noise: NoiseConfig, model, data: TrainingData, prompts: dict) -> Objective:
+        pairs = DocumentPairs(kind, train.seed_for("train"))
+        dev_pairs = DocumentPairs(kind, train.seed_for("development"))
         dev = document_pairs_dataset(data.dev_texts, dev_pairs) if data.dev_texts else None
-        return Built(document_pairs_dataset(data.texts, pairs), dev, contrastive_loss(cfg, model),
-                     query_passage_prompts(prompts), epoch_aware=pairs)
+        return Objective(document_pairs_dataset(data.texts, pairs), dev, contrastive_loss(train, model),
+                         query_passage_prompts(prompts), epoch_aware=[pairs])
 
     return build
 
@@ -166,16 +152,16 @@ def query_passage_prompts(prompts: dict) -> dict:
 class Part:
     needs_pairs: bool  # reads --pair_columns (else the --text_column documents)
     in_batch_negatives: bool  # the rest of the batch are negatives, so a batch must not hold a text twice
-    build: Callable[..., Built]
+    build: Callable[..., Objective]
 
 
+# Keyed by src/config.py's OBJECTIVE_PARTS (the names' one home; tests/test_objectives.py checks both agree).
 PARTS = {
     "tsdae": Part(False, False, build_tsdae),
     "simcse": Part(False, True, build_simcse),
     "mnrl": Part(True, True, build_mnrl),
-    **{kind: Part(False, True, document_part(kind)) for kind in ("ict", "crop", "lead")},
+    **{kind: Part(False, True, document_part(kind)) for kind in DOCUMENT_CONSTRUCTIONS},
 }
-assert set(PARTS) == set(OBJECTIVE_PARTS), "src/config.py OBJECTIVE_PARTS names every part registered here"
 
 
 def parts(objective: str) -> list[str]:
@@ -194,67 +180,19 @@ def uses_in_batch_negatives(objective: str) -> bool:
     return any(PARTS[p].in_batch_negatives for p in parts(objective))
 
 
-def resolve_objective(objective: str, columns, pair_columns: list[str], text_column: str, path: str) -> str:
-    """`auto` -> mnrl when the file has the pair columns, else the documents-only default; an explicit objective
-    whose columns the file lacks is a one-line error that says what works for plain documents."""
-    has_pairs = len(pair_columns) == 2 and all(c in columns for c in pair_columns)
-    if objective == "auto":
-        chosen = "mnrl" if has_pairs else DOCUMENTS_DEFAULT
-        reason = (f"has the pair columns {','.join(pair_columns)}" if has_pairs else
-                  f"has no pair columns ({','.join(pair_columns) or '--pair_columns is empty'}): documents alone")
-        logger.info("objective auto -> %s: %s %s", chosen, path, reason)
-        return chosen
-    missing = [c for c in pair_columns if c not in columns] if needs_pairs(objective) else []
-    if needs_pairs(objective) and (missing or len(pair_columns) != 2):
-        column = missing[0] if missing else "(none given)"
-        raise UsageError(f"option --objective {objective}: needs the pair column '{column}' (--pair_columns "
-                         f"{','.join(pair_columns)}), which {path} lacks (has: {', '.join(map(str, columns))}); "
-                         f"for plain documents use --objective auto or {DOCUMENTS_DEFAULT}")
-    if needs_texts(objective) and text_column not in columns:
-        raise UsageError(f"option --objective {objective}: needs the text column '{text_column}' (--text_column), "
-                         f"which {path} lacks (has: {', '.join(map(str, columns))})")
-    return objective
-
-
-def apply_documents_recipe(train: TrainConfig, texts: int, world: int = 1) -> None:
-    """`--objective auto` on documents alone: DOCUMENTS_DEFAULT on DOCUMENTS_PAIRS pairs (as many steps as that
-    takes, at most --epochs over the texts; an explicit --max_steps wins), without model selection."""
-    if train.monitor_data:
-        raise UsageError("option --monitor_data: the documents-alone default trains without model selection; pass "
-                         f"--objective {DOCUMENTS_DEFAULT} to select on development pairs and monitor them")
-    per_step = train.batch_size * train.gradient_accumulation_steps * world
-    if not train.max_steps and DOCUMENTS_PAIRS < texts * train.epochs:
-        train.max_steps = math.ceil(DOCUMENTS_PAIRS / per_step)
-    train.select_best, train.lora_scales = False, ""
-    logger.info("documents alone: %s for %s steps of %d pairs, no model selection (README: measured on four "
-                "collections); judge it with --eval_data on real queries", DOCUMENTS_DEFAULT,
-                train.max_steps or f"{train.epochs:g} epoch(s)", per_step)
-
-
 # --------------------------------------------------------------------------------------------------------
 # The objective, assembled
 
 
-@dataclass
-class Objective:
-    """What the trainer needs: datasets and losses (dicts keyed by part when there are several), the prompt
-    of each column, the TSDAE decoder when there is one, and what must hear about each new epoch."""
-
-    train_dataset: object
-    eval_dataset: object
-    loss: object
-    prompts: dict
-    decoder: torch.nn.Module | None = None
-    epoch_aware: list = None
-
-
-def build_objective(cfg: Config, model: SentenceTransformer, data: TrainingData) -> Objective:
-    built = {p: PARTS[p].build(cfg, model, data, model.prompts or {}) for p in parts(cfg.train.objective)}
-    decoder = next((b.decoder for b in built.values() if b.decoder is not None), None)
-    epoch_aware = [b.epoch_aware for b in built.values() if b.epoch_aware is not None]
+def build_objective(objective: str, train: TrainConfig, noise: NoiseConfig, model: SentenceTransformer,
+                    data: TrainingData) -> Objective:
+    """Each part of `objective` built; several parts become one Objective of dicts keyed by part (the trainer's
+    multi-dataset mode draws each batch from one part, in proportion to their sizes)."""
+    built = {p: PARTS[p].build(train, noise, model, data, model.prompts or {}) for p in parts(objective)}
     if len(built) == 1:
-        b = next(iter(built.values()))
-        return Objective(b.train, b.dev, b.loss, b.prompts, decoder, epoch_aware)
-    dev = {p: b.dev for p, b in built.items() if b.dev is not None} or None
-    return Objective({p: b.train for p, b in built.items()}, dev, {p: b.loss for p, b in built.items()},
-                     {p: b.prompts for p, b in built.items()}, decoder, epoch_aware)
+        return next(iter(built.values()))
+    dev = {p: b.eval_dataset for p, b in built.items() if b.eval_dataset is not None} or None
+    return Objective({p: b.train_dataset for p, b in built.items()}, dev, {p: b.loss for p, b in built.items()},
+                     {p: b.prompts for p, b in built.items()},
+                     next((b.decoder for b in built.values() if b.decoder is not None), None),
+                     [item for b in built.values() for item in b.epoch_aware])

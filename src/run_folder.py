@@ -1,5 +1,6 @@
-"""The run folder: built as `<output_dir>.partial/`, renamed into place only when everything is written, and the
-models saved into it (adapter/ and merged/)."""
+"""The run folder: built as `<output_dir>.partial/`, renamed into place only when everything is written, its
+settings (config.json: the requested groups and the resolved plan) and the models saved into it (adapter/ and
+merged/)."""
 
 from __future__ import annotations
 
@@ -11,20 +12,24 @@ from pathlib import Path
 import torch
 from sentence_transformers import SentenceTransformer
 
-from src.callbacks import BEST_FILE, CHECKPOINTS
-from src.config import Config
+from src.checkpoints import CHECKPOINTS
+from src.cli import RESOLVED
+from src.config import Config, ModelConfig, OutputConfig
 from src.errors import KitError, UsageError
 from src.model_builder import load_sentence_transformer
+from src.selection import BEST_FILE
+
+SETTINGS_FILE = "config.json"
 
 
-def partial_folder(cfg: Config) -> Path:
-    return Path(cfg.output.output_dir + ".partial")
+def partial_folder(output: OutputConfig) -> Path:
+    return Path(output.output_dir + ".partial")
 
 
 def prepare_run_folder(cfg: Config) -> Path:
     """`<output_dir>.partial/`: refuses to touch a finished run without --overwrite, and a partial one
     without --resume (or --overwrite)."""
-    final, partial = Path(cfg.output.output_dir), partial_folder(cfg)
+    final, partial = Path(cfg.output.output_dir), partial_folder(cfg.output)
     if final.exists() and not cfg.output.overwrite:
         raise KitError(f"output folder {final} already exists; pass --overwrite to replace it, or choose "
                        f"another --output_dir")
@@ -33,8 +38,8 @@ def prepare_run_folder(cfg: Config) -> Path:
                        f"start again")
     if partial.exists() and cfg.output.overwrite and not cfg.train.resume:
         shutil.rmtree(partial)
-    if cfg.train.resume and (partial / "config.json").exists():
-        check_resumable(json.loads((partial / "config.json").read_text(encoding="utf-8")), cfg.to_dict(), partial)
+    if cfg.train.resume and (partial / SETTINGS_FILE).exists():
+        check_resumable(json.loads((partial / SETTINGS_FILE).read_text(encoding="utf-8")), cfg.to_dict(), partial)
     partial.mkdir(parents=True, exist_ok=True)
     return partial
 
@@ -63,6 +68,12 @@ def check_resumable(saved: dict, current: dict, partial: Path) -> None:
                                  f"resume with the same settings, or start again with --overwrite")
 
 
+def save_settings(folder: Path, cfg: Config, resolved: dict) -> None:
+    """config.json: the settings as requested (usable as a --config file) and, under `resolved`, the run's plan."""
+    settings = {**cfg.to_dict(), RESOLVED: resolved}
+    (folder / SETTINGS_FILE).write_text(json.dumps(settings, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
 def finalize_run_folder(partial: Path, final: Path) -> None:
     shutil.rmtree(partial / CHECKPOINTS, ignore_errors=True)
     (partial / BEST_FILE).unlink(missing_ok=True)  # already folded into adapter/ and merged/
@@ -75,13 +86,13 @@ def finalize_run_folder(partial: Path, final: Path) -> None:
         os.replace(partial, final)
 
 
-def save_models(model: SentenceTransformer, cfg: Config, folder: Path) -> None:
+def save_models(model: SentenceTransformer, model_cfg: ModelConfig, folder: Path) -> None:
     """adapter/ (LoRA runs) and merged/ (always). The merge goes into a freshly loaded full-precision base,
     never into the 4-bit one, which would re-quantize and lose precision. Both keep the base model's own
     maximum length: --max_seq_length is a training setting, and evaluation must compare like with like."""
-    base = load_sentence_transformer(cfg.model, device="cpu", quantize=False)
+    base = load_sentence_transformer(model_cfg, device="cpu", quantize=False)
     model.max_seq_length = base.max_seq_length
-    if cfg.model.precision == "full":
+    if model_cfg.precision == "full":
         model.save(str(folder / "merged"))
         return
     model.save(str(folder / "adapter"))

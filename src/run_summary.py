@@ -13,7 +13,8 @@ def training_counts(objective: str, texts: int, pairs: int, dev_texts: int, dev_
     load are left out: '0 training texts' for a pairs objective would read as 'nothing to train on'."""
     trained = ([f"{texts} training texts"] * needs_texts(objective)
                + [f"{pairs} training pairs"] * needs_pairs(objective))
-    dev = f"{dev_pairs} held-out pairs" if dev_pairs else f"{dev_texts} held-out texts"
+    dev = (f"{dev_pairs} held-out pairs" if dev_pairs else f"{dev_texts} held-out texts" if dev_texts
+           else "none, nothing held out")
     return f"{' and '.join(trained)}; development: {dev}"
 
 

@@ -1,53 +1,71 @@
-"""Model selection: the development signal that decides which training state is kept (step 0, the base, included).
+"""Model selection: which training state a run keeps (step 0, the base model, included), all in one place.
 
-With pair columns, the held-out items' own pairs (a catalog's title -> description) search among the training
-documents. Documents alone have no queries: development pairs are built from held-out documents by a
-construction of src/document_pairs.py, and `auto` picks one the objective does NOT train on. Pairs built like
-the training pairs reward the training task itself: they kept rising while real queries fell, where pairs of
-another construction fell with the real queries (README, "Documents alone", measured with the monitor).
+The signal. With pair columns, the held-out items' own pairs (a catalog's title -> description) search among the
+training documents. Documents alone have no queries: development pairs are built from held-out documents by a
+construction of src/document_pairs.py that the objective does not train on (src/plan.py). Pairs built like the
+training pairs reward the training task itself: they kept rising while real queries fell.
 
 `--monitor_data` scores labelled held-out data beside the development pairs at every evaluation. It is logged
 (training_log.json, run.json, loss.png) and never selected on: it measures whether the development signal agrees
 with real queries.
+
+The bookkeeping. `ModelSelection` follows a run from start to finish:
+
+    start(trainer, checkpoint)  forget evaluations after a resumed checkpoint; score step 0 (the base) when new
+    on_evaluate (a callback)    after each development evaluation, keep the best state so far (on disk)
+    finish(trainer)             the final state competes, the best one is restored, the adapter scale is chosen
+
+The best state (best_state.safetensors + best.json) lives in the run folder, the score history beside the
+checkpoints (removed with them), so a resumed run remembers both.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import math
+from pathlib import Path
 
 import numpy as np
+import torch
+from safetensors.torch import load_file
 from sentence_transformers import SentenceTransformer
 from sentence_transformers.sentence_transformer.evaluation import InformationRetrievalEvaluator, SequentialEvaluator
+from transformers import TrainerCallback
 
-from src.config import Config
+from src.checkpoints import CHECKPOINTS, checkpoint_step, load_trainable_state, save_trainable_state
+from src.config import TrainConfig
 from src.create_dataset import TrainingData
 from src.document_pairs import DocumentPairs
 from src.objectives import parts
+from src.plan import RunPlan
 from src.retrieval_data import RetrievalData, pairs_to_retrieval
 
 logger = logging.getLogger(__name__)
 
 DEV_NAME, MONITOR_NAME = "dev", "monitor"  # evaluator names: metrics dev_cosine_ndcg@10, monitor_cosine_ndcg@10
-AUTO_CONSTRUCTIONS = ("crop", "lead", "ict")  # --dev_construction auto: the first the objective does not train on
+MIN_DEV_PAIRS = 10  # fewer development queries cannot tell checkpoints apart: the run then trains unselected
+# A smaller adapter scale must beat the adapter as trained by this much development nDCG@10 to replace it: on
+# about a hundred development queries, smaller differences are noise, and following noise costs test quality.
+MIN_SCALE_GAIN = 0.005
+BEST_FILE = "best_state.safetensors"  # trainable state of the best development evaluation
+BEST_RECORD = "best.json"  # its step and score
+HISTORY_FILE = "selection_history.json"  # every development (and monitor) score so far, for --resume
+NO_SELECTION = {"selected": None, "lora_scale": 1.0, "dev_ndcg@10_by_step": None}
 
 
-def dev_construction(cfg: Config) -> str:
-    """--dev_construction auto: crop, or the next construction of AUTO_CONSTRUCTIONS the objective does not train
-    on (lead when it trains crop)."""
-    if cfg.train.dev_construction != "auto":
-        return cfg.train.dev_construction
-    trained = parts(cfg.train.objective)
-    return next((c for c in AUTO_CONSTRUCTIONS if c not in trained), AUTO_CONSTRUCTIONS[0])
+# --------------------------------------------------------------------------------------------------------
+# The development signal
 
 
-def development_pairs(data: TrainingData, construction: str, seed: int) -> tuple[list, list[str]]:
+def development_pairs(data: TrainingData, construction: str, train: TrainConfig) -> tuple[list, list[str]]:
     """The development pairs and the pool of distractor documents: the held-out items' pair columns when the
     file has them; for documents alone, pairs built by `construction` from held-out documents (which never
     train), among the positive sides built the same way from training documents."""
     if data.dev_pairs:
         return data.dev_pairs, sorted({d for _, d in data.pairs})
-    dev = DocumentPairs(construction, seed + 1)
-    pool = DocumentPairs(construction, seed + 2)
+    dev = DocumentPairs(construction, train.seed_for("development"))
+    pool = DocumentPairs(construction, train.seed_for("distractors"))
     pairs = [dev(t, i) for i, t in enumerate(data.dev_texts)]
     return [(q, d) for q, d in pairs if q != d], [pool(t, i)[1] for i, t in enumerate(data.texts)]
 
@@ -71,41 +89,168 @@ def retrieval_evaluator(name: str, data: RetrievalData, model: SentenceTransform
         accuracy_at_k=[1], precision_recall_at_k=[10], map_at_k=[100])
 
 
-def dev_evaluator(model: SentenceTransformer, data: TrainingData, cfg: Config):
+def dev_evaluator(model: SentenceTransformer, data: TrainingData, plan: RunPlan, train: TrainConfig,
+                  batch_size: int):
     """nDCG@10 of the development queries against their documents, among up to --dev_distractors others
     (without them, ~100 documents make the task too easy to tell checkpoints apart): the model-selection
     signal. Development items are excluded from training, and the held-out test pairs are never looked at."""
-    construction = dev_construction(cfg)
-    pairs, pool = development_pairs(data, construction, cfg.train.seed)
-    if len(pairs) < 10:
+    pairs, pool = development_pairs(data, plan.dev_construction, train)
+    if len(pairs) < MIN_DEV_PAIRS:
+        logger.warning("model selection skipped: %d development pairs (fewer than %d)", len(pairs), MIN_DEV_PAIRS)
         return None
     dev = pairs_to_retrieval(pairs, "development pairs")
     others = sorted(set(pool) - set(dev.corpus.values()))
-    chosen = np.random.default_rng(cfg.train.seed).permutation(len(others))[: cfg.train.dev_distractors]
+    chosen = np.random.default_rng(train.seed).permutation(len(others))[: train.dev_distractors]
     dev.corpus = dict(dev.corpus) | {f"t{i}": others[i] for i in chosen}
-    built = "" if data.dev_pairs else f" ({construction} pairs of held-out documents)"
+    built = "" if data.dev_pairs else f" ({plan.dev_construction} pairs of held-out documents)"
     logger.info("model selection: %d development queries%s among %d documents", len(dev.queries), built,
                 len(dev.corpus))
-    if not data.dev_pairs and construction in parts(cfg.train.objective):
+    if not data.dev_pairs and plan.dev_construction in parts(plan.objective):
         logger.warning("model selection uses %s pairs of held-out documents, built like the training pairs: they "
-                       "reward the training task itself, not real queries (README, \"Documents alone\"); use "
-                       "--dev_construction auto, and judge the result with --eval_data", construction)
-    return retrieval_evaluator(DEV_NAME, dev, model, cfg.eval.eval_batch_size)
+                       "reward the training task itself, not real queries; use --dev_construction auto, and judge "
+                       "the result with --eval_data", plan.dev_construction)
+    return retrieval_evaluator(DEV_NAME, dev, model, batch_size)
 
 
-def selection_evaluator(model: SentenceTransformer, data: TrainingData, cfg: Config, monitor: RetrievalData | None):
+def with_monitor(dev, model: SentenceTransformer, monitor: RetrievalData | None, batch_size: int):
     """The development evaluator, followed by the monitor when --monitor_data is given (its score never selects)."""
-    dev = dev_evaluator(model, data, cfg)
-    if dev is None or monitor is None:
-        if monitor is not None:
-            logger.warning("--monitor_data is not scored: too few development pairs for model selection")
+    if monitor is None:
         return dev
     logger.info("monitoring %s: %d queries among %d documents, scored at every development evaluation, never "
-                "selected on", cfg.train.monitor_data, len(monitor.queries), len(monitor.corpus))
-    watched = retrieval_evaluator(MONITOR_NAME, monitor, model, cfg.eval.eval_batch_size, MonitorEvaluator)
+                "selected on", monitor.source, len(monitor.queries), len(monitor.corpus))
+    watched = retrieval_evaluator(MONITOR_NAME, monitor, model, batch_size, MonitorEvaluator)
     return SequentialEvaluator([dev, watched], main_score_function=lambda scores: scores[0])
 
 
 def development_part(evaluator):
     """The development evaluator alone, without the monitor (for the adapter-scale search)."""
     return evaluator.evaluators[0] if isinstance(evaluator, SequentialEvaluator) else evaluator
+
+
+def dev_score(metrics: dict, evaluator: str = DEV_NAME) -> float | None:
+    """nDCG@10 of one evaluator (model selection's, or the monitor's) in an evaluation's metrics, as the trainer
+    logs them (`eval_dev_cosine_ndcg@10`) or as the evaluator returns them (`dev_cosine_ndcg@10`)."""
+    prefixes = (f"{evaluator}_", f"eval_{evaluator}_")
+    return next((v for k, v in metrics.items() if k.startswith(prefixes) and k.endswith("ndcg@10")), None)
+
+
+def choose_lora_scale(model: torch.nn.Module, evaluator, trained_score: float, scales: list[float]) -> float:
+    """Interpolate between the base model (scale 0) and the selected state (1) by scaling every LoRA B matrix,
+    and keep the scale with the best development nDCG@10, if it beats the adapter as trained (`trained_score`)
+    by at least MIN_SCALE_GAIN (else scale 1 stays). Fine-tuning that moved too far often does better part of the
+    way back (Wortsman et al., "Robust fine-tuning of zero-shot models", CVPR 2022: WiSE-FT)."""
+    lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
+    if not lora_b or not scales:
+        return 1.0
+    trained = [p.detach().clone() for p in lora_b]
+
+    def set_scale(scale: float) -> None:
+        with torch.no_grad():
+            for p, t in zip(lora_b, trained):
+                p.copy_(t * scale)
+
+    scores = {1.0: trained_score}
+    for scale in scales:
+        set_scale(scale)
+        scores[scale] = dev_score(evaluator(model))
+        logger.info("adapter at scale %.2f: development nDCG@10 %.4f", scale, scores[scale])
+    chosen = max(scores, key=lambda k: (scores[k], k))
+    chosen = chosen if scores[chosen] - scores[1.0] >= MIN_SCALE_GAIN else 1.0
+    set_scale(chosen)
+    logger.info("adapter scale %.2f kept (development nDCG@10 %.4f; as trained %.4f)", chosen, scores[chosen],
+                scores[1.0])
+    return chosen
+
+
+# --------------------------------------------------------------------------------------------------------
+# The bookkeeping
+
+
+class ModelSelection(TrainerCallback):
+    """Keeps the trainable state with the best development nDCG@10 of a run (see the module docstring).
+
+    Args:
+        model: the SentenceTransformer being trained.
+        folder: the run's `.partial` folder (its best state, and its checkpoints' history).
+        evaluator: the development evaluator (with the monitor after it, when there is one).
+        scales: adapter strengths tried by `finish` (scale 0 already competed as step 0: only those in between).
+    """
+
+    def __init__(self, model: torch.nn.Module, folder: Path, evaluator, scales: tuple[float, ...] = ()):
+        self.model, self.evaluator, self.scales = model, evaluator, list(scales)
+        self.file, self.record = folder / BEST_FILE, folder / BEST_RECORD
+        saved = json.loads(self.record.read_text()) if self.record.exists() else {}  # a resumed run's best so far
+        self.best, self.step = saved.get("dev_ndcg@10", -math.inf), saved.get("step")
+        self.history_file = folder / CHECKPOINTS / HISTORY_FILE
+        kept = json.loads(self.history_file.read_text()) if self.history_file.exists() else {}
+        self.history: list[tuple[int, float]] = [tuple(p) for p in kept.get("dev", [])]
+        self.monitor: list[tuple[int, float]] = [tuple(p) for p in kept.get("monitor", [])]
+
+    def start(self, trainer, checkpoint: str | None) -> None:
+        """Where the run starts: evaluations after a resumed `checkpoint` are forgotten (they come again); a new run
+        scores step 0, the base model, the bar training has to clear."""
+        self.resume_at(checkpoint_step(checkpoint) if checkpoint else -1)
+        if checkpoint is None:
+            self.consider(0, self.evaluator(trainer.model), trainer.is_world_process_zero())
+
+    def resume_at(self, step: int) -> None:
+        """Forget the evaluations after `step` (-1: all of them)."""
+        self.history = [p for p in self.history if p[0] <= step]
+        self.monitor = [p for p in self.monitor if p[0] <= step]
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        if dev_score(metrics or {}) is not None:  # one call per development dataset; the evaluator runs once
+            self.consider(state.global_step, metrics, state.is_world_process_zero)
+
+    def consider(self, step: int, metrics: dict, main_process: bool = True) -> None:
+        score, watched = dev_score(metrics), dev_score(metrics, MONITOR_NAME)
+        self.history.append((step, score))
+        if watched is not None:
+            self.monitor.append((step, watched))
+        if not main_process:
+            return
+        self.history_file.parent.mkdir(parents=True, exist_ok=True)
+        self.history_file.write_text(json.dumps({"dev": self.history, "monitor": self.monitor}) + "\n")
+        if score > self.best:
+            self.best, self.step = score, step
+            save_trainable_state(self.model, self.file)
+            self.record.write_text(json.dumps({"step": step, "dev_ndcg@10": score}) + "\n")
+            logger.info("step %d: development nDCG@10 %.4f, the best so far", step, score)
+
+    def finish(self, trainer) -> dict:
+        """The final state competes too, the best development state is restored (step 0 = the base model
+        unchanged), then the adapter scale is chosen (main process only). Returns run.json's selection record."""
+        step, main_process = trainer.state.global_step, trainer.is_world_process_zero()
+        if not self.history or self.history[-1][0] != step:
+            self.consider(step, self.evaluator(trainer.model), main_process)
+        history = {"dev_ndcg@10_by_step": self.history, "monitor_ndcg@10_by_step": self.monitor or None}
+        if not main_process:
+            return {**NO_SELECTION, **history}
+        selected = self.restore()
+        if selected is not None and selected["step"] == 0:
+            logger.warning("no training step beat the base model on the development pairs: the saved model is the "
+                           "base model unchanged")
+        trained = selected is not None and selected["step"] > 0
+        scale = choose_lora_scale(trainer.model, development_part(self.evaluator), self.best,
+                                  self.scales) if trained else 1.0
+        return {"selected": selected, "lora_scale": scale, **history}
+
+    def restore(self) -> dict | None:
+        if not self.file.exists():
+            return None
+        load_trainable_state(self.model, load_file(str(self.file)), strict=False)
+        record = json.loads(self.record.read_text())
+        logger.info("restored the best development state: step %d (nDCG@10 %.4f)", record["step"],
+                    record["dev_ndcg@10"])
+        return record
+
+
+def model_selection(model: SentenceTransformer, data: TrainingData, plan: RunPlan, train: TrainConfig,
+                    batch_size: int, monitor: RetrievalData | None, folder: Path) -> ModelSelection | None:
+    """The run's model selection, or None when the plan selects nothing or the data holds too few pairs."""
+    dev = dev_evaluator(model, data, plan, train, batch_size) if plan.select_best else None
+    if dev is None:
+        if monitor is not None:
+            logger.warning("--monitor_data is not scored: no model selection in this run")
+        return None
+    return ModelSelection(model, folder, with_monitor(dev, model, monitor, batch_size), plan.lora_scales)

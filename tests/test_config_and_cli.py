@@ -14,7 +14,7 @@ from conftest import ROOT, RU_TRAIN
 from src.cli import parse_config, parse_groups
 from src.config import GROUPS, Config, EvalConfig, EvaluationArguments, OutputConfig, PreprocessConfig, TrainConfig
 from src.errors import UsageError, quiet_third_party
-from src.run_folder import prepare_run_folder
+from src.run_folder import prepare_run_folder, save_settings
 
 
 def test_defaults_file_and_cli_precedence(tmp_path):
@@ -79,7 +79,7 @@ def test_trainer_refuses_to_overwrite_a_finished_run(tmp_path):
     assert result.returncode == 1 and "already exists; pass --overwrite" in result.stderr
 
 
-HELP_GROUPS = {"src.config": GROUPS, "src.create_dataset": GROUPS, "src.model_builder": GROUPS, "src.trainer": GROUPS,
+HELP_GROUPS = {"src.cli": GROUPS, "src.create_dataset": GROUPS, "src.model_builder": GROUPS, "src.trainer": GROUPS,
                "src.preprocess": {"preprocess": PreprocessConfig},
                "src.evaluation": {"evaluation": EvaluationArguments, "eval": EvalConfig}, "src.provision": {}}
 
@@ -108,8 +108,8 @@ def test_a_config_file_serves_every_command(tmp_path):
     evaluation, eval_settings = settings["evaluation"], settings["eval"]
     assert (evaluation.model, evaluation.seed, eval_settings.eval_data) == ("m", 3, "pairs.jsonl")
     assert parse_config(["--config", str(path)]).train.learning_rate == 0.001  # the trainer takes its own part
-    run_config_json = tmp_path / "config.json"  # a finished run's settings, for src.evaluation
-    Config(eval=EvalConfig(eval_data="held-out.csv")).save(run_config_json)
+    run_config_json = tmp_path / "config.json"  # a finished run's settings (and its plan), for src.evaluation
+    save_settings(tmp_path, Config(eval=EvalConfig(eval_data="held-out.csv")), {"objective": "mnrl", "max_steps": 3})
     settings = parse_groups({"evaluation": EvaluationArguments, "eval": EvalConfig},
                             ["--config", str(run_config_json), "--model", "runs/x/merged"])
     assert settings["eval"].eval_data == "held-out.csv" and settings["evaluation"].output_dir == "evaluation"
@@ -186,13 +186,14 @@ def test_resume_refuses_other_settings_and_allows_other_threads(tmp_path):
     started = Config(output=OutputConfig(output_dir=str(tmp_path / "run")))
     partial = tmp_path / "run.partial"
     partial.mkdir()
-    started.save(partial / "config.json")
+    save_settings(partial, started, {"objective": "mnrl"})
     changed = Config(train=TrainConfig(resume=True, learning_rate=3e-4, dev_construction="lead"),
                      output=OutputConfig(output_dir=str(tmp_path / "run")))
     with pytest.raises(UsageError, match=r"option --dev_construction: the run in .*run.partial was started with "
                                          r"'auto', not 'lead'.*--overwrite"):
         prepare_run_folder(changed)
-    assert json.loads((partial / "config.json").read_text()) == started.to_dict()  # left as it was
+    left = json.loads((partial / "config.json").read_text())
+    assert left == {**started.to_dict(), "resolved": {"objective": "mnrl"}}  # as it was
     halved = Config(train=TrainConfig(resume=True, batch_size=16), output=started.output)
     with pytest.raises(UsageError, match="option --batch_size: .* effective batch of 32 .*, not 16"):
         prepare_run_folder(halved)

@@ -9,12 +9,13 @@ import pytest
 import torch
 from conftest import RU_TRAIN
 
-from src.config import DataConfig, ModelConfig
+from src.config import DOCUMENT_CONSTRUCTIONS as CONSTRUCTIONS
+from src.config import DataConfig, ModelConfig, TrainConfig
 from src.create_dataset import load_training_data
-from src.document_pairs import CONSTRUCTIONS, DocumentPairs, document_pairs_dataset
+from src.document_pairs import DocumentPairs, document_pairs_dataset
 from src.errors import UsageError
-from src.objectives import DOCUMENTS_DEFAULT, resolve_objective
-from src.selection import dev_construction, development_pairs
+from src.plan import DOCUMENTS_DEFAULT, dev_construction, resolve_objective
+from src.selection import development_pairs
 from src.text import normalized_key, tokenize
 
 DOCS = [json.loads(line)["description"] for line in RU_TRAIN.read_text(encoding="utf-8").splitlines()[:200]]
@@ -74,7 +75,7 @@ def test_no_development_document_is_trained_on(documents_file, construction):
     assert not data.pairs and len(data.dev_texts) >= 15
     trained = {normalized_key(t) for t in data.texts}
     assert not any(normalized_key(t) in trained for t in data.dev_texts)
-    dev_pairs, pool = development_pairs(data, construction, seed=0)
+    dev_pairs, pool = development_pairs(data, construction, TrainConfig(seed=0))
     assert len(dev_pairs) == len(data.dev_texts)
     for query, positive in dev_pairs:  # every development pair comes from a held-out document
         assert any(words(query) | words(positive) <= words(t) for t in data.dev_texts)
@@ -95,33 +96,35 @@ def test_auto_picks_catalog_pairs_when_the_file_has_them_and_the_documents_recip
 def test_development_pairs_are_never_built_like_the_training_pairs_unless_asked(caplog):
     from types import SimpleNamespace
 
-    from src.config import Config, TrainConfig
+    from src.config import Config
     from src.create_dataset import TrainingData
+    from src.plan import plan_run
     from src.selection import dev_evaluator
 
-    def cfg(objective, construction="auto"):
-        return Config(train=TrainConfig(objective=objective, dev_construction=construction))
+    def plan(objective, construction="auto"):
+        cfg = Config(train=TrainConfig(objective=objective, dev_construction=construction))
+        return plan_run(cfg, ["title", "description", "text"])
 
-    # README "Documents alone": lead development pairs rose while real queries fell; crop pairs fell with them
-    assert [dev_construction(cfg(o)) for o in ("lead", "ict", "tsdae+lead", "crop", "lead+crop")] == [
+    # docs/RESULTS.md "Documents alone": lead development pairs rose while real queries fell; crop pairs fell too
+    assert [dev_construction("auto", o) for o in ("lead", "ict", "tsdae+lead", "crop", "lead+crop")] == [
         "crop", "crop", "crop", "lead", "ict"]
-    assert dev_construction(cfg("lead", "ict")) == "ict"
+    assert plan("lead", "ict").dev_construction == "ict"
     docs = [f"Heading {i}\nBody sentence number {i} about topic {i % 7}. Another sentence {i}." for i in range(60)]
     data, model = TrainingData(docs[:40], docs[40:]), SimpleNamespace(prompts={})
     for construction, warned in (("lead", True), ("crop", False), ("auto", False)):
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="src.selection"):
-            assert dev_evaluator(model, data, cfg("lead", construction)) is not None
+            assert dev_evaluator(model, data, plan("lead", construction), TrainConfig(), 8) is not None
         assert ("built like the training pairs" in caplog.text) == warned
 
 
 def test_selection_follows_the_development_score_and_only_records_the_monitor(tmp_path):
-    from src.callbacks import BestStateCallback, dev_score
+    from src.selection import ModelSelection, dev_score
 
     logged = {"eval_dev_cosine_ndcg@10": 0.5, "eval_monitor_cosine_ndcg@10": 0.9, "eval_lead_loss": 1.0}
     assert (dev_score(logged), dev_score(logged, "monitor")) == (0.5, 0.9)
     assert dev_score({"dev_cosine_ndcg@10": 0.4}) == 0.4 and dev_score({"eval_lead_loss": 1.0}) is None
-    best = BestStateCallback(torch.nn.Linear(2, 2), tmp_path)
+    best = ModelSelection(torch.nn.Linear(2, 2), tmp_path, evaluator=None)
     for step, dev, watched in ((0, 0.40, 0.70), (10, 0.45, 0.60), (20, 0.42, 0.80)):
         best.consider(step, {"dev_cosine_ndcg@10": dev, "monitor_cosine_ndcg@10": watched})
     assert best.step == 10 and json.loads((tmp_path / "best.json").read_text())["step"] == 10
@@ -129,16 +132,16 @@ def test_selection_follows_the_development_score_and_only_records_the_monitor(tm
 
 
 def test_a_resumed_run_keeps_the_selection_history_up_to_its_checkpoint(tmp_path):
-    from src.callbacks import BestStateCallback
+    from src.selection import ModelSelection
 
-    first = BestStateCallback(torch.nn.Linear(2, 2), tmp_path)
+    first = ModelSelection(torch.nn.Linear(2, 2), tmp_path, evaluator=None)
     for step, dev, watched in ((0, 0.40, 0.70), (10, 0.45, 0.60), (20, 0.42, 0.80)):
         first.consider(step, {"dev_cosine_ndcg@10": dev, "monitor_cosine_ndcg@10": watched})
-    resumed = BestStateCallback(torch.nn.Linear(2, 2), tmp_path)
+    resumed = ModelSelection(torch.nn.Linear(2, 2), tmp_path, evaluator=None)
     resumed.resume_at(10)  # continues from checkpoint-10: step 20 is evaluated again
     assert resumed.history == [(0, 0.40), (10, 0.45)] and resumed.monitor == [(0, 0.70), (10, 0.60)]
     assert (resumed.step, resumed.best) == (10, 0.45)
-    restarted = BestStateCallback(torch.nn.Linear(2, 2), tmp_path)
+    restarted = ModelSelection(torch.nn.Linear(2, 2), tmp_path, evaluator=None)
     restarted.resume_at(-1)  # no checkpoint: everything is evaluated again, step 0 first
     assert restarted.history == [] and restarted.monitor == []
 
@@ -188,17 +191,8 @@ def test_disabled_adapter_embeddings_equal_the_base_model(lora_model):
     assert torch.equal(embed(model, texts), adapted)  # and it is back on afterwards
 
 
-def selected_at_step_10():
-    """Model selection's outcome without a run: step 10 kept, at development nDCG@10 0.5."""
-    from src.callbacks import BestStateCallback
-
-    best = BestStateCallback.__new__(BestStateCallback)
-    best.best, best.step = 0.5, 10
-    return best
-
-
 def test_adapter_scale_zero_is_the_base_model_and_one_is_as_trained(lora_model):
-    from src.callbacks import choose_lora_scale
+    from src.selection import choose_lora_scale
 
     model, base = lora_model
     texts = DOCS[:8]
@@ -210,16 +204,16 @@ def test_adapter_scale_zero_is_the_base_model_and_one_is_as_trained(lora_model):
         distance = (seen[-1] - embed(base, texts)).abs().max().item()
         return {"eval_dev_cosine_ndcg@10": 1.0 - distance}
 
-    scale = choose_lora_scale(model, evaluator, selected_at_step_10(), [0.0, 0.5])
+    scale = choose_lora_scale(model, evaluator, 0.5, [0.0, 0.5])  # the adapter as trained scored 0.5
     assert scale == 0.0
     assert torch.allclose(seen[0], embed(base, texts), atol=1e-5)  # scale 0 = the base model
     assert not torch.allclose(seen[1], adapted, atol=1e-3)  # scale 0.5 is in between
     assert torch.allclose(embed(model, texts), embed(base, texts), atol=1e-5)  # the chosen scale stays set
-    assert choose_lora_scale(model, evaluator, selected_at_step_10(), []) == 1.0
+    assert choose_lora_scale(model, evaluator, 0.5, []) == 1.0
 
 
 def test_adapter_scale_search_keeps_the_trained_adapter_against_a_noise_sized_gain(lora_model):
-    from src.callbacks import MIN_SCALE_GAIN, choose_lora_scale
+    from src.selection import MIN_SCALE_GAIN, choose_lora_scale
 
     model, _ = lora_model
     texts = DOCS[:8]
@@ -228,10 +222,10 @@ def test_adapter_scale_search_keeps_the_trained_adapter_against_a_noise_sized_ga
     def slightly_better(m):
         return {"eval_dev_cosine_ndcg@10": 0.5 + MIN_SCALE_GAIN / 2}
 
-    assert choose_lora_scale(model, slightly_better, selected_at_step_10(), [0.5]) == 1.0
+    assert choose_lora_scale(model, slightly_better, 0.5, [0.5]) == 1.0
     assert torch.allclose(embed(model, texts), adapted, atol=1e-6)  # the trained adapter is back in place
     clearly_better = {"eval_dev_cosine_ndcg@10": 0.5 + 2 * MIN_SCALE_GAIN}
-    assert choose_lora_scale(model, lambda m: clearly_better, selected_at_step_10(), [0.5]) == 0.5
+    assert choose_lora_scale(model, lambda m: clearly_better, 0.5, [0.5]) == 0.5
 
 
 # ---- the documents-only default, end to end on a tiny model ----------------------------------------------
@@ -266,12 +260,12 @@ def test_lead_on_documents_trains_with_selection_scale_search_anchor_and_monitor
 
 def test_auto_on_documents_trains_the_measured_budget_without_selection(tmp_path, tiny_xlmr, documents_file,
                                                                         monkeypatch, caplog):
-    from src import objectives
-    from src.config import Config, EvalConfig, OutputConfig, TrainConfig
+    from src import plan
+    from src.config import Config, EvalConfig, OutputConfig
     from src.trainer import train
 
     caplog.set_level(logging.INFO)
-    monkeypatch.setattr(objectives, "DOCUMENTS_PAIRS", 20)  # 3 steps of 8 pairs on this small file (README: 320)
+    monkeypatch.setattr(plan, "DOCUMENTS_PAIRS", 20)  # 3 steps of 8 pairs on this small file (the default: 320)
     cfg = Config(data=DataConfig(train_file=str(documents_file), validation_fraction=0.1),
                  model=ModelConfig(model_name_or_path=str(tiny_xlmr), max_seq_length=48),
                  train=TrainConfig(batch_size=8, learning_rate=1e-3, save_steps=50),
@@ -280,22 +274,31 @@ def test_auto_on_documents_trains_the_measured_budget_without_selection(tmp_path
     run, saved = (json.loads((folder / name).read_text()) for name in ("run.json", "config.json"))
     assert (run["objective_requested"], run["objective"], run["steps"]) == ("auto", "lead", 3)
     assert run["selected"] is None and run["dev_ndcg@10_by_step"] is None and run["lora_scale"] == 1.0
-    assert (saved["train"]["max_steps"], saved["train"]["select_best"]) == (3, False)  # --resume repeats it
-    assert "no model selection" in caplog.text and (folder / "merged").is_dir()
+    assert (saved["train"]["max_steps"], saved["train"]["select_best"]) == (0, True)  # as requested ...
+    assert (saved["resolved"]["max_steps"], saved["resolved"]["select_best"]) == (3, False)  # ... and as resolved
+    # nothing selects, so nothing is held out and no development loss is computed: every document trains
+    every = load_training_data(DataConfig(train_file=str(documents_file), validation_fraction=0.0), seed=42).texts
+    assert (run["dev_texts"], run["plan"]["holdout_fraction"], run["train_texts"]) == (0, 0.0, len(every))
+    logged = json.loads((folder / "training_log.json").read_text())
+    assert logged and not any(key.startswith("eval_") for entry in logged for key in entry)
+    assert "no model selection, nothing held out" in caplog.text and (folder / "merged").is_dir()
 
 
 def test_documents_budget_gives_way_to_a_small_file_an_explicit_max_steps_and_refuses_a_monitor():
-    from src.config import TrainConfig
-    from src.objectives import DOCUMENTS_PAIRS, apply_documents_recipe
+    from src.config import Config
+    from src.plan import DOCUMENTS_PAIRS, plan_run
 
-    budget = TrainConfig()
-    apply_documents_recipe(budget, texts=5000)
-    assert (budget.max_steps, budget.select_best, budget.lora_scales) == (DOCUMENTS_PAIRS // 32, False, "")
-    small = TrainConfig()
-    apply_documents_recipe(small, texts=DOCUMENTS_PAIRS - 1)  # fewer texts than the budget: one epoch
-    assert small.max_steps == 0
-    explicit = TrainConfig(max_steps=7)
-    apply_documents_recipe(explicit, texts=5000)
-    assert explicit.max_steps == 7
+    def planned(texts=5000, **train):
+        cfg = Config(train=TrainConfig(**train))
+        return plan_run(cfg, ["_id", "text"]).with_budget(texts, cfg.train), cfg
+
+    budget, cfg = planned()
+    assert (budget.max_steps, budget.select_best, budget.lora_scales) == (DOCUMENTS_PAIRS // 32, False, ())
+    assert (budget.holdout_fraction, cfg.train.max_steps, cfg.train.select_best) == (0.0, 0, True)  # not rewritten
+    assert planned(texts=DOCUMENTS_PAIRS - 1)[0].max_steps == 0  # fewer texts than the budget: one epoch
+    assert planned(max_steps=7)[0].max_steps == 7
+    catalog = plan_run(Config(), ["title", "description", "text"]).with_budget(5000, TrainConfig())
+    assert (catalog.objective, catalog.select_best, catalog.holdout_fraction, catalog.max_steps) == (
+        "mnrl", True, 0.05, 0)  # pairs: one epoch, selected on 5% of the items held out
     with pytest.raises(UsageError, match="option --monitor_data: .*--objective lead"):
-        apply_documents_recipe(TrainConfig(monitor_data="titles.csv"), texts=5000)
+        planned(monitor_data="titles.csv")

@@ -207,16 +207,13 @@ def _pairs_file(path, n=30):
 
 
 def test_trainer_and_command_line_evaluations_agree_and_name_the_final_folder(tmp_path, tiny_bert, tiny_xlmr):
-    from src.config import Config, ModelConfig, OutputConfig, TrainConfig
     from src.evaluation import evaluate_run, main
 
     cfg = EvalConfig(eval_data=_pairs_file(tmp_path / "pairs.jsonl"), bootstrap_samples=200, eval_batch_size=16)
-    run = Config(model=ModelConfig(model_name_or_path=str(tiny_xlmr)), train=TrainConfig(seed=42), eval=cfg,
-                 output=OutputConfig(output_dir=str(tmp_path / "run")))
     partial = tmp_path / "run.partial"  # where the trainer evaluates, before the rename
     partial.mkdir()
     (partial / "merged").symlink_to(tiny_bert)
-    evaluate_run(run, partial, load_retrieval_data(cfg.eval_data))
+    evaluate_run(cfg, str(tiny_xlmr), str(tmp_path / "run"), partial, load_retrieval_data(cfg.eval_data))
     main(["--model", str(tiny_bert), "--baseline", str(tiny_xlmr), "--eval_data", cfg.eval_data,
           "--bootstrap_samples", "200", "--eval_batch_size", "16", "--output_dir", str(tmp_path / "cli")])
     trainer_side = json.loads((partial / "evaluation" / "metrics.json").read_text())

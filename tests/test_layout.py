@@ -1,4 +1,4 @@
-"""The house rules of README "Architecture": imports run one way, files and functions stay short."""
+"""The house rules of docs/ARCHITECTURE.md: imports run one way, files and functions stay short."""
 
 import ast
 import re
@@ -6,28 +6,29 @@ import re
 import pytest
 from conftest import ROOT
 
-# README order, bottom layer first: a module may import only modules before it.
+# docs/ARCHITECTURE.md order, bottom layer first: a module may import only modules before it.
 LAYERS = ("errors config cli tables text preprocess noise create_dataset document_pairs retrieval_data metrics plots "
-          "provision embedding_cache model_builder tsdae objectives selection callbacks run_folder run_summary "
-          "evaluation trainer").split()
+          "provision embedding_cache model_builder tsdae objectives plan checkpoints callbacks selection run_folder "
+          "run_summary evaluation trainer").split()
 SRC = ROOT / "src"
 
 
 def imported(path) -> set[str]:
-    """src modules `path` imports at module level (imports inside functions are entry-point conveniences)."""
-    tree = ast.parse(path.read_text(encoding="utf-8"))
+    """src modules `path` imports anywhere, inside functions too: a deferred import is still a dependency."""
     names = set()
-    for node in tree.body:
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
         if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("src."):
             names.add(node.module.split(".")[1])
+        elif isinstance(node, ast.Import):
+            names |= {a.name.split(".")[1] for a in node.names if a.name.startswith("src.")}
     return names
 
 
-def test_every_module_has_a_place_in_the_readme_order():
+def test_every_module_has_a_place_in_the_architecture_order():
     modules = {p.stem for p in SRC.glob("*.py")} - {"__init__"}
     assert modules == set(LAYERS)
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    assert all(f"`{m}.py`" in readme for m in LAYERS)
+    architecture = (ROOT / "docs" / "ARCHITECTURE.md").read_text(encoding="utf-8")
+    assert [m for m in LAYERS if f"`{m}.py`" not in architecture] == []
 
 
 @pytest.mark.parametrize("module", LAYERS)
@@ -46,7 +47,7 @@ def test_files_and_functions_stay_short():
                 assert length <= 40, f"{path.name}: {node.name} is {length} lines"
 
 
-def test_measured_numbers_live_in_the_readme_only():
+def test_measured_numbers_live_in_the_results_only():
     """Help texts and docstrings go stale when they quote measurements (GB, x-times speed-ups, percentages)."""
     pattern = re.compile(r"\d+(\.\d+)? ?(GB|GiB|MB)\b|\b\d+(\.\d+)?x (faster|slower|less|more)\b")
     for path in SRC.glob("*.py"):
@@ -69,3 +70,18 @@ def test_scripts_are_short_modules_of_their_own():
                        else [a.name for a in node.names] if isinstance(node, ast.Import) else [])
             wrong = [m for m in modules if m.split(".")[0] in {"tests", "conftest"}]
             assert not wrong, f"scripts/{path.name} imports {wrong[0]} from tests/"
+
+
+def test_settings_are_never_rewritten_after_parsing():
+    """What a run makes of its settings is src/plan.py's RunPlan: no code assigns to `cfg.<group>.<field>`."""
+    from src.config import GROUPS
+
+    for path in [*SRC.glob("*.py"), *(ROOT / "scripts").glob("*.py")]:
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(
+                node, (ast.AugAssign, ast.AnnAssign)) else []
+            for target in targets:
+                group = target.value if isinstance(target, ast.Attribute) else None
+                rewrites = (isinstance(group, ast.Attribute) and group.attr in GROUPS
+                            and isinstance(group.value, ast.Name) and group.value.id == "cfg")
+                assert not rewrites, f"{path.name}:{node.lineno} rewrites cfg.{group.attr}.{target.attr}"

@@ -111,3 +111,10 @@ def test_model_selection_keeps_the_base_when_training_only_hurts(tmp_path, e5_ca
     base = SentenceTransformer(str(e5_cache), device="cpu").encode(texts, prompt_name="passage")
     assert np.allclose(merged, base, atol=1e-4)
     assert run["evaluation"]["verdict"] == "not distinguishable"
+
+
+def test_every_objective_part_named_in_the_settings_is_built_by_the_objectives():
+    from src.config import OBJECTIVE_PARTS
+    from src.objectives import PARTS
+
+    assert sorted(PARTS) == sorted(OBJECTIVE_PARTS)

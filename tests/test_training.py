@@ -162,11 +162,10 @@ def test_torchrun_two_cpu_processes_write_one_model(tmp_path, tiny_bert):
 def test_saved_e5_models_encode_documents_with_the_passage_prompt(tmp_path, tiny_xlmr):
     from sentence_transformers import SentenceTransformer
 
-    from src.config import Config
     from src.run_folder import save_models
 
-    cfg = Config(model=ModelConfig(model_name_or_path=str(tiny_xlmr), precision="none"))
-    save_models(build_model(cfg.model), cfg, tmp_path)  # as the trainer saves: adapter/ and merged/
+    cfg = ModelConfig(model_name_or_path=str(tiny_xlmr), precision="none")
+    save_models(build_model(cfg), cfg, tmp_path)  # as the trainer saves: adapter/ and merged/
     texts = read_texts(RU_TRAIN, 3)
     for folder in ("adapter", "merged"):
         model = SentenceTransformer(str(tmp_path / folder), device="cpu")  # sentence-transformers alone, no kit

@@ -1,0 +1,127 @@
+"""The run's plan: what the requested settings and the training file resolve to, decided once and never rewritten.
+
+    requested (src/config.py) + the file's columns  -> plan_run     -> RunPlan (objective, selection, hold-out)
+    RunPlan + the number of training texts          -> with_budget  -> RunPlan (steps)
+
+`--objective auto` trains `mnrl` when the file has --pair_columns, and on documents alone DOCUMENTS_DEFAULT on
+DOCUMENTS_PAIRS pairs without model selection (docs/RESULTS.md, "Documents alone"). Without model selection
+nothing is held out: a development split that nothing selects on would only take documents away from training.
+Every later step reads the plan, never a rewritten setting; the run folder's config.json keeps the requested
+groups and the plan (`resolved`) side by side, and `--resume` compares the requested ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from dataclasses import dataclass
+
+from src.config import DOCUMENT_CONSTRUCTIONS, Config, TrainConfig
+from src.errors import UsageError
+from src.objectives import needs_pairs, needs_texts, parts
+
+logger = logging.getLogger(__name__)
+
+DOCUMENTS_DEFAULT = "lead"  # what `auto` trains on documents alone: the best measured recipe
+# ... on this many pairs, with no model selection. On every development collection the held-out titles gained
+# within the first few hundred pairs, and one epoch on the largest lost up to 6 points; no label-free development
+# signal ranked checkpoints as the titles did, and selecting on crop pairs vetoed a +3 point gain.
+DOCUMENTS_PAIRS = 320
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """What one run does, resolved from its settings and its training file.
+
+    Args:
+        objective: the parts it trains, joined by '+' (never `auto`).
+        documents_recipe: `auto` on documents alone (a fixed budget of pairs, no selection).
+        select_best: keep the best development state (step 0, the base, included).
+        lora_scales: adapter strengths tried after selection (empty: none).
+        dev_construction: how development pairs are built from held-out documents (no pair columns).
+        holdout_fraction: share of the file's rows held out for model selection (0 without selection).
+        max_steps: optimizer steps (0: --epochs decides).
+    """
+
+    objective: str
+    documents_recipe: bool
+    select_best: bool
+    lora_scales: tuple[float, ...]
+    dev_construction: str
+    holdout_fraction: float
+    max_steps: int
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def with_budget(self, texts: int, train: TrainConfig, world: int = 1) -> "RunPlan":
+        """The documents recipe's steps: as many as DOCUMENTS_PAIRS pairs take, at most --epochs over a smaller
+        file; an explicit --max_steps wins. Other plans are returned as they are."""
+        per_step = train.batch_size * train.gradient_accumulation_steps * world
+        if not self.documents_recipe or self.max_steps or DOCUMENTS_PAIRS >= texts * train.epochs:
+            return self
+        return dataclasses.replace(self, max_steps=math.ceil(DOCUMENTS_PAIRS / per_step))
+
+
+def resolve_objective(objective: str, columns, pair_columns: list[str], text_column: str, path: str) -> str:
+    """`auto` -> mnrl when the file has the pair columns, else the documents-only default; an explicit objective
+    whose columns the file lacks is a one-line error that says what works for plain documents."""
+    has_pairs = len(pair_columns) == 2 and all(c in columns for c in pair_columns)
+    if objective == "auto":
+        chosen = "mnrl" if has_pairs else DOCUMENTS_DEFAULT
+        reason = (f"has the pair columns {','.join(pair_columns)}" if has_pairs else
+                  f"has no pair columns ({','.join(pair_columns) or '--pair_columns is empty'}): documents alone")
+        logger.info("objective auto -> %s: %s %s", chosen, path, reason)
+        return chosen
+    missing = [c for c in pair_columns if c not in columns] if needs_pairs(objective) else []
+    if needs_pairs(objective) and (missing or len(pair_columns) != 2):
+        column = missing[0] if missing else "(none given)"
+        raise UsageError(f"option --objective {objective}: needs the pair column '{column}' (--pair_columns "
+                         f"{','.join(pair_columns)}), which {path} lacks (has: {', '.join(map(str, columns))}); "
+                         f"for plain documents use --objective auto or {DOCUMENTS_DEFAULT}")
+    if needs_texts(objective) and text_column not in columns:
+        raise UsageError(f"option --objective {objective}: needs the text column '{text_column}' (--text_column), "
+                         f"which {path} lacks (has: {', '.join(map(str, columns))})")
+    return objective
+
+
+def dev_construction(requested: str, objective: str) -> str:
+    """--dev_construction auto: the first of DOCUMENT_CONSTRUCTIONS the objective does not train on. Pairs built
+    like the training pairs reward the training task itself: they kept rising while real queries fell."""
+    if requested != "auto":
+        return requested
+    trained = parts(objective)
+    return next((c for c in DOCUMENT_CONSTRUCTIONS if c not in trained), DOCUMENT_CONSTRUCTIONS[0])
+
+
+def plan_run(cfg: Config, columns: list[str], world: int = 1) -> RunPlan:
+    """The plan before the data is read (the steps come with `with_budget`, once the texts are counted)."""
+    t = cfg.train
+    objective = resolve_objective(t.objective, columns, cfg.data.pair_column_names(), cfg.data.text_column,
+                                  cfg.data.train_file)
+    if world > 1 and len(parts(objective)) > 1:
+        # DDP would have to find the decoder's unused parameters on mnrl batches, and its unused-parameter search
+        # cannot handle TSDAE's second pass through the same (shared) layers.
+        raise UsageError(f"option --objective {objective}: not supported under torchrun; run tsdae, then mnrl from "
+                         f"its merged/ model, or train on one process")
+    recipe = t.objective == "auto" and objective == DOCUMENTS_DEFAULT
+    if recipe and t.monitor_data:
+        raise UsageError("option --monitor_data: the documents-alone default trains without model selection; pass "
+                         f"--objective {DOCUMENTS_DEFAULT} to select on development pairs and monitor them")
+    select = t.select_best and not recipe
+    return RunPlan(objective, recipe, select, tuple(t.lora_scale_values()) if select else (),
+                   dev_construction(t.dev_construction, objective), cfg.data.validation_fraction if select else 0.0,
+                   t.max_steps)
+
+
+def describe(plan: RunPlan, train: TrainConfig, world: int = 1) -> str:
+    """The plan in one log line."""
+    steps = f"{plan.max_steps} steps" if plan.max_steps else f"{train.epochs:g} epoch(s)"
+    per_step = train.batch_size * train.gradient_accumulation_steps * world
+    if plan.select_best:
+        return (f"{plan.objective} for {steps} of {per_step} per step; model selection on "
+                f"{plan.holdout_fraction:.0%} of the rows held out")
+    why = ("the documents-alone default: judge it with --eval_data on real queries" if plan.documents_recipe
+           else "--select_best false")
+    return f"{plan.objective} for {steps} of {per_step} per step; no model selection, nothing held out ({why})"
