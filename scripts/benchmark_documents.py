@@ -27,10 +27,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-from src.config import EvalConfig, comma_list
+from src.config import EvalConfig
 from src.evaluation import evaluate_model, load_model
 from src.metrics import MAIN_METRIC, compare, verdict
 from src.retrieval_data import load_retrieval_data
+from src.settings import comma_list
 
 ROOT = Path(__file__).resolve().parent.parent
 DEV = ROOT / "data" / "dev"

@@ -36,8 +36,8 @@ import sys
 import time
 from pathlib import Path
 
-from src.config import comma_list
 from src.metrics import format_difference, format_p
+from src.settings import comma_list
 
 DESIGNS = ["old-kit", "st-tied", "kit-full", "kit-lora", "kit-qlora", "kit-qlora-gc"]
 PRECISION = {"old-kit": "nf4", "st-tied": "full", "kit-full": "full", "kit-lora": "none", "kit-qlora": "nf4",

@@ -42,10 +42,10 @@ import numpy as np
 import pandas as pd
 
 from scripts.manual_sections import Item, gimp_help_items, postgresql_doc_items, python_doc_items
-from src.config import comma_list
 from src.errors import KitError, run_cli
 from src.preprocess import clean_text
 from src.retrieval_data import RetrievalData, near_duplicates, save_beir
+from src.settings import comma_list
 from src.tables import read_table, write_table
 from src.text import normalized_key, tokenize
 

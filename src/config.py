@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Literal
 
 from src.errors import UsageError
+from src.settings import Settings, check_minimum, check_option, comma_list, help_field
 
 DEFAULT_MODEL = "intfloat/multilingual-e5-small"
 # Pairs built from documents alone (src/document_pairs.py), in the order `--dev_construction auto` prefers them.
@@ -20,24 +21,8 @@ DOCUMENT_CONSTRUCTIONS = ("crop", "lead", "ict")
 OBJECTIVE_PARTS = ("mnrl", *DOCUMENT_CONSTRUCTIONS, "simcse", "tsdae")  # each built by src/objectives.py's PARTS
 # Random streams drawn from one --seed: development pairs (and noise) and the distractor pool must not repeat the
 # training draws, so each stream offsets the seed by its position here.
-SEED_STREAMS = ("train", "development", "distractors")
+SEED_STREAMS = ("train", "development", "distractors", "negatives")
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
-
-
-def help_field(text: str, **kw):
-    return field(metadata={"help": text}, **kw)
-
-
-class Settings:
-    """A settings group whose `validate` runs on construction: one built in code is checked like a parsed one."""
-
-    def __post_init__(self):
-        self.validate()
-
-
-def comma_list(text: str) -> list[str]:
-    """'a, b,,c' -> ['a', 'b', 'c']: the kit's comma-separated options."""
-    return [item.strip() for item in text.split(",") if item.strip()]
 
 
 @dataclass
@@ -159,6 +144,16 @@ class TrainConfig(Settings):
     lora_scales: str = help_field("After selection, also try the adapter at these fractions of its strength "
                                   "(comma-separated, between 0 = the base and 1 = as trained) on the development "
                                   "pairs, and keep the best; '' = off.", default="0.5")
+    hard_negatives: int = help_field("mnrl: hard negatives per training pair, mined by the base model among the "
+                                     "training documents before training, near-duplicates of the pair's own document "
+                                     "filtered out (src/hard_negatives.py). 0 = in-batch negatives only.", default=0)
+    negative_margin: float = help_field("Mining: skip a candidate scoring within this fraction of the positive's "
+                                        "own score (sentence-transformers relative_margin): likely an unlabelled "
+                                        "positive.", default=0.05)
+    negative_skip: int = help_field("Mining: skip the base model's top N candidates (range_min).", default=0)
+    mini_batch_size: int = help_field("Contrastive parts: compute the loss over each batch in mini-batches of this "
+                                      "many (CachedMultipleNegativesRankingLoss, GradCache): a large --batch_size at "
+                                      "the activation memory of a small one. 0 = the plain loss.", default=0)
     anchor_weight: float = help_field("Guard against forgetting for the contrastive parts: weight of a term keeping "
                                       "each text's embedding near the base model's, computed by the same model with "
                                       "its adapter disabled (no second model in memory). 0 = off.", default=0.0)
@@ -173,7 +168,10 @@ class TrainConfig(Settings):
         check_minimum(self, 1, "batch_size", "gradient_accumulation_steps", "logging_steps", "save_steps",
                       "eval_steps")
         check_minimum(self, 0, "max_steps", "weight_decay", "dev_distractors", "decoder_warmup_steps", "threads",
-                      "anchor_weight")
+                      "anchor_weight", "hard_negatives", "negative_skip", "mini_batch_size")
+        check_option(0.0 <= self.negative_margin < 1.0, "negative_margin", "must be in [0, 1)")
+        check_option(not (self.mini_batch_size and self.anchor_weight), "mini_batch_size",
+                     "cannot be combined with --anchor_weight (the anchor needs the whole batch's embeddings at once)")
         check_minimum(self, 16, "loss_chunk_tokens")
         check_option(self.epochs > 0, "epochs", "must be > 0")
         check_option(0.0 <= self.warmup_ratio < 1.0, "warmup_ratio", "must be in [0, 1)")
@@ -287,13 +285,3 @@ class Config:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
-
-
-def check_option(ok: bool, option: str, message: str) -> None:
-    if not ok:
-        raise UsageError(f"option --{option}: {message}")
-
-
-def check_minimum(settings, minimum: float, *options: str) -> None:
-    for option in options:
-        check_option(getattr(settings, option) >= minimum, option, f"must be >= {minimum}")

@@ -22,9 +22,10 @@ from sentence_transformers import SentenceTransformer
 from sentence_transformers.sentence_transformer.modules import Transformer
 
 from src.cli import parse_config
-from src.config import ModelConfig, comma_list
+from src.config import ModelConfig
 from src.errors import KitError, first_line, run_cli
 from src.provision import E5_PROMPTS, e5_document_prompt, mean_pooled, resolve_model
+from src.settings import comma_list
 
 logger = logging.getLogger(__name__)
 

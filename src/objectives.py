@@ -25,11 +25,15 @@ from typing import Callable
 import torch
 from sentence_transformers import SentenceTransformer
 from sentence_transformers.base.losses.merged_forward import embed_columns
-from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
+from sentence_transformers.sentence_transformer.losses import (
+    CachedMultipleNegativesRankingLoss,
+    MultipleNegativesRankingLoss,
+)
 
 from src.config import DOCUMENT_CONSTRUCTIONS, NoiseConfig, TrainConfig
 from src.create_dataset import TrainingData, pairs_dataset
 from src.document_pairs import DocumentPairs, document_pairs_dataset
+from src.hard_negatives import with_hard_negatives
 from src.noise import WordNoise, noisy_dataset
 from src.tsdae import TSDAELoss, corpus_vocabulary
 
@@ -83,6 +87,10 @@ class BaseAnchoredLoss(torch.nn.Module):
 
 
 def contrastive_loss(train: TrainConfig, model: SentenceTransformer):
+    """MultipleNegativesRankingLoss; its cached (GradCache) form with --mini_batch_size, the same loss and gradients
+    (up to float rounding) computed a mini-batch at a time; with --anchor_weight, the forgetting guard around it."""
+    if train.mini_batch_size:
+        return CachedMultipleNegativesRankingLoss(model, scale=train.mnrl_scale, mini_batch_size=train.mini_batch_size)
     loss = MultipleNegativesRankingLoss(model, scale=train.mnrl_scale)
     return BaseAnchoredLoss(model, loss, train.anchor_weight) if train.anchor_weight else loss
 
@@ -128,8 +136,11 @@ def build_simcse(train: TrainConfig, noise: NoiseConfig, model, data: TrainingDa
 
 
 def build_mnrl(train: TrainConfig, noise: NoiseConfig, model, data: TrainingData, prompts: dict) -> Objective:
-    return Objective(pairs_dataset(data.pairs), pairs_dataset(data.dev_pairs) if data.dev_pairs else None,
-                     contrastive_loss(train, model), query_passage_prompts(prompts))
+    """(query, document) pairs; with --hard_negatives, each with mined negative documents (src/hard_negatives.py)."""
+    dataset = (with_hard_negatives(model, data.pairs, train, prompts) if train.hard_negatives
+               else pairs_dataset(data.pairs))
+    return Objective(dataset, pairs_dataset(data.dev_pairs) if data.dev_pairs else None,
+                     contrastive_loss(train, model), query_passage_prompts(prompts, dataset.column_names))
 
 
 def document_part(kind: str) -> Callable:
@@ -143,9 +154,11 @@ def document_part(kind: str) -> Callable:
     return build
 
 
-def query_passage_prompts(prompts: dict) -> dict:
-    """e5 prompts: `query: ` on the short side, `passage: ` on the document side."""
-    return {"anchor": prompts.get("query", ""), "positive": prompts["passage"]} if prompts.get("passage") else {}
+def query_passage_prompts(prompts: dict, columns: list[str] = ("anchor", "positive")) -> dict:
+    """e5 prompts: `query: ` on the short side (the first column), `passage: ` on the documents (every other)."""
+    if not prompts.get("passage"):
+        return {}
+    return {column: prompts.get("query", "") if i == 0 else prompts["passage"] for i, column in enumerate(columns)}
 
 
 @dataclass(frozen=True)

@@ -20,8 +20,9 @@ import unicodedata
 import pandas as pd
 
 from src.cli import parse_groups
-from src.config import PreprocessConfig, check_option, comma_list
+from src.config import PreprocessConfig
 from src.errors import KitError, run_cli
+from src.settings import check_option, comma_list
 from src.tables import read_table, require_columns, write_table
 
 logger = logging.getLogger(__name__)

@@ -20,9 +20,9 @@ import pandas as pd
 from src.errors import KitError
 from src.preprocess import clean_text
 from src.tables import read_table, require_columns
+from src.text import NEAR_DUPLICATE, shingles
 
 logger = logging.getLogger(__name__)
-SHINGLE_WORDS = 6  # a document sharing half of its 6-word shingles with another one is a near-duplicate
 
 
 @dataclass
@@ -181,13 +181,12 @@ def save_beir(data: RetrievalData, folder: Path) -> None:
                                                                           sep="\t", index=False)
 
 
-def near_duplicates(texts: list[str], threshold: float = 0.5) -> np.ndarray:
+def near_duplicates(texts: list[str], threshold: float = NEAR_DUPLICATE) -> np.ndarray:
     """True for texts that share at least `threshold` of their word shingles with some other text (shared
     boilerplate paragraphs, a description contained in another one, exact copies)."""
-    shingles = [{tuple(w[i : i + SHINGLE_WORDS]) for i in range(max(1, len(w) - SHINGLE_WORDS + 1))}
-                for w in (t.split() for t in texts)]
+    sets = [shingles(t) for t in texts]
     owners: dict[tuple, int] = {}
-    for s in shingles:
+    for s in sets:
         for sh in s:
             owners[sh] = owners.get(sh, 0) + 1
-    return np.array([sum(owners[sh] > 1 for sh in s) >= threshold * len(s) for s in shingles])
+    return np.array([sum(owners[sh] > 1 for sh in s) >= threshold * len(s) for s in sets])

@@ -32,3 +32,21 @@ def count_words(text: str) -> int:
 
 def normalized_key(text: str) -> str:
     return re.sub(r"\W+", " ", text.casefold()).strip()
+
+
+SHINGLE_WORDS = 6  # a text sharing half of its 6-word shingles with another one is a near-duplicate of it
+NEAR_DUPLICATE = 0.5
+
+
+def shingles(text: str) -> set[tuple[str, ...]]:
+    """The text's runs of SHINGLE_WORDS words (one shorter run for a shorter text), split on whitespace."""
+    w = text.split()
+    return {tuple(w[i : i + SHINGLE_WORDS]) for i in range(max(1, len(w) - SHINGLE_WORDS + 1))}
+
+
+def near_duplicate(a: str, b: str) -> bool:
+    """True when the normalized texts are equal, or either shares at least NEAR_DUPLICATE of its shingles with the
+    other (shared boilerplate paragraphs, one description contained in another)."""
+    a, b = normalized_key(a), normalized_key(b)
+    sa, sb = shingles(a), shingles(b)
+    return a == b or len(sa & sb) >= NEAR_DUPLICATE * min(len(sa), len(sb))

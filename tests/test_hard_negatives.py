@@ -1,0 +1,89 @@
+"""The levers for pairs: mined hard negatives (never the item's own document or a near-duplicate of it) and the
+cached loss (the plain loss, computed a mini-batch at a time)."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from test_objectives import tiny_run
+
+from src.config import Config, ModelConfig, TrainConfig
+from src.errors import UsageError
+from src.hard_negatives import choose, with_hard_negatives
+from src.text import near_duplicate
+
+BOILERPLATE = "This package contains the documentation files in HTML format for the library described above"
+PAIRS = [(f"tool number {i}", f"Tool {i} handles task {i} on files of kind {i % 5} quickly and safely.")
+         for i in range(24)]
+# near-duplicate items: a -doc package per library, differing in the name only, shared boilerplate
+PAIRS += [(f"docs for lib{i}", f"lib{i}: {BOILERPLATE}.") for i in range(8)]
+
+
+def test_near_duplicates_are_never_chosen_and_short_rows_are_completed_with_random_documents():
+    positive = f"lib1: {BOILERPLATE}."
+    candidates = [positive, f"lib2: {BOILERPLATE}.", "Tool 3 handles task 3.", f"LIB1:  {BOILERPLATE}"]
+    documents = sorted({d for _, d in PAIRS})
+    kept = choose(candidates, positive, 3, documents, np.random.default_rng(0))
+    assert kept[0] == "Tool 3 handles task 3." and len(kept) == 3 == len(set(kept))
+    assert not any(near_duplicate(k, positive) for k in kept)
+
+
+def test_mined_negatives_are_never_the_items_own_document_nor_a_near_duplicate(tiny_xlmr):
+    from src.model_builder import build_model
+
+    model = build_model(ModelConfig(model_name_or_path=str(tiny_xlmr), precision="none"))
+    train = TrainConfig(hard_negatives=3, negative_margin=0.0)
+    dataset = with_hard_negatives(model, PAIRS, train, model.prompts)
+    assert dataset.column_names == ["anchor", "positive", "negative_1", "negative_2", "negative_3"]
+    assert len(dataset) == len(PAIRS)  # every pair keeps its place
+    documents = {d for _, d in PAIRS}
+    for row in dataset:
+        negatives = [row[f"negative_{i}"] for i in (1, 2, 3)]
+        assert row["positive"] not in negatives and len(set(negatives)) == 3 and set(negatives) <= documents
+        assert not any(near_duplicate(n, row["positive"]) for n in negatives)
+
+
+def test_the_cached_loss_equals_the_plain_loss_and_its_gradients(tiny_xlmr):
+    from sentence_transformers.sentence_transformer.losses import (
+        CachedMultipleNegativesRankingLoss,
+        MultipleNegativesRankingLoss,
+    )
+
+    from src.model_builder import build_model
+
+    model = build_model(ModelConfig(model_name_or_path=str(tiny_xlmr), precision="none", max_seq_length=32),
+                        gradient_checkpointing=False)
+    model.eval()  # no dropout: both losses see the same forward passes
+    features = [model.tokenize([q for q, _ in PAIRS[:12]]), model.tokenize([d for _, d in PAIRS[:12]])]
+    results = []
+    for loss in (MultipleNegativesRankingLoss(model), CachedMultipleNegativesRankingLoss(model, mini_batch_size=4)):
+        model.zero_grad()
+        value = loss([dict(f) for f in features], None)
+        value.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((value.item(), grads))
+    (plain, plain_grads), (cached, cached_grads) = results
+    assert plain == pytest.approx(cached, rel=1e-5) and plain > 0
+    assert plain_grads.keys() == cached_grads.keys() and plain_grads
+    assert all(torch.allclose(plain_grads[n], cached_grads[n], atol=1e-6, rtol=1e-4) for n in plain_grads)
+
+
+def test_mnrl_trains_with_mined_negatives_and_the_cached_loss(tmp_path, tiny_xlmr, caplog):
+    from src.trainer import train
+
+    caplog.set_level("INFO")
+    cfg = tiny_run(tmp_path, tiny_xlmr, "mnrl", hard_negatives=2, mini_batch_size=4, max_steps=3)
+    folder = train(cfg)
+    run = json.loads((folder / "run.json").read_text())
+    assert run["steps"] == 3 and "hard negatives: 2 per pair" in caplog.text
+    assert (folder / "merged" / "model.safetensors").is_file()
+
+
+def test_lever_options_that_cannot_apply_are_one_line_errors():
+    from src.plan import plan_run
+
+    with pytest.raises(UsageError, match="option --hard_negatives: .*--objective lead does not train on"):
+        plan_run(Config(train=TrainConfig(hard_negatives=3)), ["_id", "text"])
+    with pytest.raises(UsageError, match="option --mini_batch_size: cannot be combined with --anchor_weight"):
+        TrainConfig(mini_batch_size=8, anchor_weight=1.0)
