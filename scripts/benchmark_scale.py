@@ -281,16 +281,15 @@ def rss_gb() -> float:
 
 def read_check(corpus: Path) -> None:
     """In a child (`--read_check`): read the files as the trainer does, print the peak RSS after each stage."""
-    from src.config import Config
+    from src.config import DataConfig, TrainConfig
     from src.create_dataset import load_training_data
     from src.retrieval_data import load_retrieval_data
 
-    cfg = Config()
-    cfg.data.train_file = str(corpus / "train.jsonl")
+    settings = DataConfig(train_file=str(corpus / "train.jsonl"))
     imports = rss_gb()
     started = time.perf_counter()
-    frame = read_table(cfg.data.train_file, cfg.data.text_column)
-    data = load_training_data(cfg.data, cfg.train.seed, True, False, frame, 0.0)
+    frame = read_table(settings.train_file, settings.text_column)
+    data = load_training_data(settings, TrainConfig().seed, True, False, frame, 0.0)
     read_train, seconds = rss_gb(), time.perf_counter() - started
     del frame
     test = load_retrieval_data(str(corpus / "test"))
