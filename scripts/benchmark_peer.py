@@ -1,0 +1,312 @@
+"""The kit against its peer: plain sentence-transformers fine-tuning of the same base model, on the same training
+file, with the same prompts and the same evaluation, in one table with the paired difference kit - peer.
+
+    python -m scripts.benchmark_peer                                   # ru and en: base, peer, peer-lora, kit
+    python -m scripts.benchmark_peer --catalogs ru --systems base,peer,kit --threads 1
+    python -m scripts.benchmark_peer --systems kit --kit_args "--lora_r 32" --tag r32   # one lever, its own row
+
+Rows (systems), per catalog (data/<catalog>_catalog/train.jsonl: title -> description pairs):
+    base        intfloat/multilingual-e5-small as it is, no training
+    peer        plain sentence-transformers full fine-tuning, fp32, as its users run it: every row of train.jsonl
+                as a (title, description) pair, e5 prompts (`query: ` on the title, `passage: ` on the
+                description), MultipleNegativesRankingLoss (scale 20), learning rate 5e-5, 1 epoch, batch 32,
+                max_seq_length 128, BatchSamplers.NO_DUPLICATES, warmup_ratio 0.1 (linear decay), seed 42
+    peer-lora   the kit's command with `--precision none`: LoRA on a full-precision base, the kit's recipe
+    kit         the kit's default command: QLoRA (4-bit NF4 base + LoRA) with its model selection
+`--kit_args` are added to the kit's command in the peer-lora and kit rows; `--tag NAME` names those rows (and
+their folders) `<system>-NAME`, so a lever is measured beside the default rows.
+
+Each training runs in its own subprocess, so its peak memory (ru_maxrss after saving the model: everything the
+process held) is its own. 'training s' is the whole training process from loading the model to the saved model:
+for the kit, run.json's total_seconds (model selection, merge and saving included; `--eval_data ''`, so no
+evaluation inside); for the peer, the same span measured in its process. The training loop alone is in brackets.
+Every model (the kit's merged/, the peer's saved folder) is then evaluated on data/<catalog>_catalog/test with
+src.evaluation.evaluate_model, as `python -m src.evaluation` does (each model's own 512 tokens, flat index), and
+compared with src.metrics.compare (paired bootstrap over queries, seed 0): each row against the base, and each
+row after the peer against the peer ('kit - peer' = the row minus the peer). Finished rows are reused (delete a
+row's folder to redo it), so the table accumulates across invocations. Writes results.json and results.md to
+--output_dir and prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from src.config import EvalConfig
+from src.metrics import MAIN_METRIC, compare, format_p
+from src.settings import comma_list
+
+BASE_MODEL = "intfloat/multilingual-e5-small"
+SYSTEMS = ("base", "peer", "peer-lora", "kit")
+KIT_OPTIONS = {"peer-lora": ["--precision", "none"], "kit": []}  # the rows that run the kit's own command
+PEER = {"learning_rate": 5e-5, "epochs": 1, "batch_size": 32, "max_seq_length": 128, "warmup_ratio": 0.1,
+        "seed": 42}
+PEER_COMMAND = ("sentence-transformers full fine-tuning: MNRL, lr 5e-5, 1 epoch, batch 32, length 128, "
+                "NO_DUPLICATES, warmup_ratio 0.1, seed 42")
+
+
+def train_file(catalog: str) -> Path:
+    return Path("data") / f"{catalog}_catalog" / "train.jsonl"
+
+
+def test_folder(catalog: str) -> Path:
+    return Path("data") / f"{catalog}_catalog" / "test"
+
+
+def peak_memory_gb() -> float:
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)  # Linux reports KiB
+
+
+# --------------------------------------------------------------------------------------------------------
+# The peer, in its own process (`--one peer`)
+
+
+def peer_dataset(path: Path):
+    from datasets import Dataset
+
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return Dataset.from_dict({"anchor": [r["title"] for r in rows], "positive": [r["description"] for r in rows]})
+
+
+def train_peer(catalog: str, folder: Path, threads: int) -> dict:
+    """Plain sentence-transformers full fine-tuning, as its documentation trains an e5 model on pairs."""
+    import torch
+    from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
+    from sentence_transformers.base.sampler import BatchSamplers
+    from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
+    from transformers import set_seed
+
+    from src.evaluation import load_model
+
+    started = time.time()
+    if threads:
+        torch.set_num_threads(threads)
+    set_seed(PEER["seed"])
+    model = load_model(BASE_MODEL)
+    own_length, model.max_seq_length = model.max_seq_length, PEER["max_seq_length"]
+    # warmup_steps=0.1 is warmup_ratio=0.1 (its spelling since transformers v5, which deprecates warmup_ratio)
+    args = SentenceTransformerTrainingArguments(
+        output_dir=str(folder / "checkpoints"), num_train_epochs=PEER["epochs"], seed=PEER["seed"],
+        per_device_train_batch_size=PEER["batch_size"], learning_rate=PEER["learning_rate"],
+        warmup_steps=PEER["warmup_ratio"], batch_sampler=BatchSamplers.NO_DUPLICATES, use_cpu=True,
+        prompts={"anchor": model.prompts["query"], "positive": model.prompts["passage"]},
+        save_strategy="no", logging_steps=10, report_to="none")
+    trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=peer_dataset(train_file(catalog)),
+                                         loss=MultipleNegativesRankingLoss(model))
+    result = trainer.train()
+    model.max_seq_length = own_length  # trained at 128, saved with the base's own length, as the kit saves
+    model.save(str(folder / "model"))
+    return {"train_seconds": round(result.metrics["train_runtime"], 1), "steps": trainer.state.global_step,
+            "final_train_loss": result.metrics.get("train_loss"), "peak_memory_gb": peak_memory_gb(),
+            "total_seconds": round(time.time() - started, 1)}
+
+
+# --------------------------------------------------------------------------------------------------------
+# Training, one subprocess per row
+
+
+def kit_command(catalog: str, system: str, folder: Path, threads: int, kit_args: str) -> list[str]:
+    return ["-m", "src.trainer", "--train_file", str(train_file(catalog)), "--eval_data", "", "--output_dir",
+            str(folder / "run"), "--threads", str(threads), *KIT_OPTIONS[system], *shlex.split(kit_args)]
+
+
+def child_env(threads: int) -> dict:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    if threads:
+        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    return env
+
+
+def train(catalog: str, system: str, folder: Path, threads: int, kit_args: str) -> tuple[dict, str, Path]:
+    """Train one row in its own process (unless its record exists): (record, command, model folder)."""
+    if system == "peer":
+        args = ["-m", "scripts.benchmark_peer", "--one", "peer", "--catalogs", catalog, "--output_dir",
+                str(folder), "--threads", str(threads)]
+        record, model = folder / "peer.json", folder / "model"
+    else:
+        args = kit_command(catalog, system, folder, threads, kit_args)
+        record, model = folder / "run" / "run.json", folder / "run" / "merged"
+    command = "python " + shlex.join(args)
+    if not record.exists():
+        print(f"--- {catalog} / {folder.name}: {command}", flush=True)
+        folder.mkdir(parents=True, exist_ok=True)
+        subprocess.run([sys.executable, *args], check=True, env=child_env(threads))
+    run = json.loads(record.read_text())
+    return run, (PEER_COMMAND if system == "peer" else command), model
+
+
+# --------------------------------------------------------------------------------------------------------
+# Evaluation, in this process
+
+
+def evaluate(model_path: str, data, cfg: EvalConfig) -> tuple[dict, dict]:
+    """The model's per-query metrics on `data`, as `python -m src.evaluation` computes them; how it was encoded."""
+    from src.evaluation import evaluate_model, load_model
+
+    started = time.time()
+    model = load_model(model_path)
+    if cfg.eval_max_seq_length:
+        model.max_seq_length = cfg.eval_max_seq_length
+    result = evaluate_model(model, data, cfg)
+    return result["per_query"], {"eval_seconds": round(time.time() - started, 1),
+                                 "eval_max_seq_length": result["max_seq_length"], "eval_prompts": result["prompts"]}
+
+
+def base_row(catalog: str, data, cfg: EvalConfig, out: Path) -> dict:
+    from scripts.benchmark_documents import base_result
+
+    folder = out / catalog / "base"
+    if not (folder / "row.json").exists():
+        started = time.time()
+        per_query = base_result(catalog, data, cfg, folder)
+        save_row(folder, {"catalog": catalog, "row": "base", "system": "base", "command": "-",
+                          "eval_seconds": round(time.time() - started, 1)}, per_query)
+    return json.loads((folder / "row.json").read_text())
+
+
+def save_row(folder: Path, row: dict, per_query: dict) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    row[MAIN_METRIC] = 100 * float(per_query[MAIN_METRIC].mean())
+    (folder / "per_query.json").write_text(json.dumps({m: v.tolist() for m, v in per_query.items()}) + "\n")
+    (folder / "row.json").write_text(json.dumps(row, indent=2) + "\n")
+
+
+def trained_row(catalog: str, system: str, name: str, data, cfg: EvalConfig, out: Path, args) -> dict:
+    """Train (its own process) and evaluate one row, unless its folder already holds the result."""
+    folder = out / catalog / name
+    if not (folder / "row.json").exists():
+        kit_args = args.kit_args if system in KIT_OPTIONS else ""
+        run, command, model = train(catalog, system, folder, args.threads, kit_args)
+        per_query, encoded = evaluate(str(model), data, cfg)
+        save_row(folder, {"catalog": catalog, "row": name, "system": system, "command": command,
+                          "kit_args": kit_args, "threads": args.threads, **encoded,
+                          "training_seconds": run["total_seconds"], "train_loop_seconds": run["train_seconds"],
+                          "peak_memory_gb": run["peak_memory_gb"], "steps": run["steps"],
+                          "selected_step": (run.get("selected") or {}).get("step"),
+                          "lora_scale": run.get("lora_scale")}, per_query)
+    return json.loads((folder / "row.json").read_text())
+
+
+# --------------------------------------------------------------------------------------------------------
+# The table
+
+
+def per_query(out: Path, row: dict) -> dict:
+    import numpy as np
+
+    path = out / row["catalog"] / row["row"] / "per_query.json"
+    return {m: np.array(v) for m, v in json.loads(path.read_text()).items()}
+
+
+def difference(candidate: dict, baseline: dict, samples: int) -> dict:
+    c = compare(candidate, baseline, samples, seed=0)[MAIN_METRIC]
+    return {"difference": 100 * c["difference"], "ci95": [100 * x for x in c["ci95"]], "p_value": c["p_value"]}
+
+
+def order(name: str) -> tuple[int, str]:
+    """Rows in SYSTEMS' order, a tagged row after its system's default row."""
+    system = max((s for s in SYSTEMS if name == s or name.startswith(s + "-")), key=len, default=None)
+    return (SYSTEMS.index(system) if system else len(SYSTEMS)), name
+
+
+def finished_rows(out: Path, samples: int) -> list[dict]:
+    """Every finished row under `out` (this invocation's and earlier ones'), with its paired differences against
+    the base and against the peer of its catalog."""
+    rows = sorted((json.loads(p.read_text()) for p in out.glob("*/*/row.json")),
+                  key=lambda r: (r["catalog"], order(r["row"])))
+    found = {(r["catalog"], r["row"]): per_query(out, r) for r in rows}
+    for r in rows:
+        mine = found[(r["catalog"], r["row"])]
+        for other, key in (("base", "vs_base"), ("peer", "vs_peer")):
+            if r["row"] not in ("base", other) and (r["catalog"], other) in found:
+                r[key] = difference(mine, found[(r["catalog"], other)], samples)
+    return rows
+
+
+def cell(d: dict | None) -> str:
+    if not d:
+        return "-"
+    return f"{d['difference']:+.2f} [{d['ci95'][0]:+.2f}, {d['ci95'][1]:+.2f}] p {format_p(d['p_value'])}"
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["| catalog | system | nDCG@10 | vs base [95% CI] | kit - peer [95% CI] | training s (loop) | peak GB | "
+             "command |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        seconds = (f"{r['training_seconds']:.0f} ({r['train_loop_seconds']:.0f})" if "training_seconds" in r
+                   else "-")
+        lines.append(f"| {r['catalog']} | {r['row']} | {r[MAIN_METRIC]:.2f} | {cell(r.get('vs_base'))} | "
+                     f"{cell(r.get('vs_peer'))} | {seconds} | {r.get('peak_memory_gb', '-')} | "
+                     f"`{r['command']}` |")
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------------------------------------
+# Entry point
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="\n".join(__doc__.splitlines()[2:]))
+    parser.add_argument("--catalogs", default="ru,en", help="comma-separated, of: ru, en")
+    parser.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma-separated, of: {', '.join(SYSTEMS)}")
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads per job (0 = torch's default)")
+    parser.add_argument("--output_dir", default="runs/benchmark_peer")
+    parser.add_argument("--kit_args", default="", help="extra options for the kit's command (peer-lora, kit rows), "
+                        "e.g. --kit_args '--lora_r 32' (one word alone needs '=': --kit_args=--OPTION)")
+    parser.add_argument("--tag", default="", help="names the peer-lora and kit rows <system>-TAG (needed with "
+                        "--kit_args, so that a lever's rows do not take the default rows' places)")
+    parser.add_argument("--one", choices=["peer"], help=argparse.SUPPRESS)  # the peer's own training process
+    args = parser.parse_args(argv)
+    unknown = [s for s in comma_list(args.systems) if s not in SYSTEMS]
+    unknown += [c for c in comma_list(args.catalogs) if not train_file(c).exists()]
+    if unknown:
+        parser.error(f"unknown system or catalog without {train_file('<catalog>')}: {unknown[0]}")
+    if args.kit_args and not args.tag:
+        parser.error("--kit_args needs --tag, a name for the rows it changes")
+    return args
+
+
+def row_name(system: str, tag: str) -> str:
+    return f"{system}-{tag}" if tag and system in KIT_OPTIONS else system
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    out = Path(args.output_dir)
+    if args.one == "peer":
+        record = train_peer(comma_list(args.catalogs)[0], out, args.threads)
+        (out / "peer.json").write_text(json.dumps(record, indent=2) + "\n")
+        return
+    import torch
+
+    from src.retrieval_data import load_retrieval_data
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = EvalConfig()
+    for catalog in comma_list(args.catalogs):
+        data = load_retrieval_data(str(test_folder(catalog)))
+        for system in comma_list(args.systems):
+            if system == "base":
+                base_row(catalog, data, cfg, out)
+            else:
+                trained_row(catalog, system, row_name(system, args.tag), data, cfg, out, args)
+            print(markdown(finished_rows(out, cfg.bootstrap_samples)), flush=True)
+    rows = finished_rows(out, cfg.bootstrap_samples)
+    (out / "results.json").write_text(json.dumps({"rows": rows}, indent=2) + "\n")
+    (out / "results.md").write_text(markdown(rows))
+    print(markdown(rows))
+
+
+if __name__ == "__main__":
+    main()
