@@ -87,6 +87,15 @@ def clean_pairs(queries, documents, max_chars: int) -> list[tuple[str, str]]:
     return kept
 
 
+def held_out_only(items: list, trained_texts, texts_of) -> list:
+    """The development items none of whose texts (`texts_of(item)`) a training item also has: such an item would
+    leak into model selection. Nothing held out (the default without selection): no key set is built at all."""
+    if not items:
+        return []
+    seen = {normalized_key(t) for t in trained_texts}
+    return [item for item in items if not any(normalized_key(t) in seen for t in texts_of(item))]
+
+
 def split_rows(frame: pd.DataFrame, cfg: DataConfig, seed: int, holdout: float) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(development rows, training rows): shuffled by seed, capped at --max_train_texts, `holdout` of them held out."""
     frame = frame.iloc[np.random.default_rng(seed).permutation(len(frame))]
@@ -119,15 +128,11 @@ def load_training_data(cfg: DataConfig, seed: int, need_texts: bool = True, need
         if not data.texts:
             raise KitError(f"{cfg.train_file}: every text in column '{cfg.text_column}' was filtered away "
                            f"(empty or under --min_words {cfg.min_words})")
-        seen = {normalized_key(t) for t in data.texts}
-        data.dev_texts = [t for t in clean_corpus(dev[cfg.text_column].tolist(), cfg)[0]
-                          if normalized_key(t) not in seen]
+        data.dev_texts = held_out_only(clean_corpus(dev[cfg.text_column].tolist(), cfg)[0], data.texts, lambda t: [t])
     if len(pair_columns) == 2 and all(c in frame for c in pair_columns):
         data.pairs = clean_pairs(train[pair_columns[0]], train[pair_columns[1]], cfg.max_chars)
-        # an item whose title or description also belongs to a training item would leak into model selection
-        seen = {normalized_key(text) for pair in data.pairs for text in pair}
-        data.dev_pairs = [(q, d) for q, d in clean_pairs(dev[pair_columns[0]], dev[pair_columns[1]], cfg.max_chars)
-                          if normalized_key(q) not in seen and normalized_key(d) not in seen]
+        data.dev_pairs = held_out_only(clean_pairs(dev[pair_columns[0]], dev[pair_columns[1]], cfg.max_chars),
+                                       (text for pair in data.pairs for text in pair), lambda pair: pair)
         if need_pairs and not data.pairs:
             raise KitError(f"{cfg.train_file}: no row has both '{pair_columns[0]}' and '{pair_columns[1]}'")
         logger.info("%s: %d training pairs, %d development pairs (%s -> %s)", cfg.train_file, len(data.pairs),
