@@ -39,17 +39,18 @@ TEST_FOLDERS = {"ru_catalog_docs": ROOT / "data" / "ru_catalog" / "test"}  # the
 # Recipe -> the trainer's options. "guard" = model selection on development pairs from held-out documents +
 # the adapter-scale search (both on by default); "noguard" turns both off and keeps the last step.
 NO_GUARD = ["--select_best", "false", "--lora_scales", ""]
+EVERY_10 = ["--eval_steps", "10"]  # the recipes with model selection were measured evaluating every 10 steps
 RECIPES = {
     "auto": [],  # the default command: on documents alone, 320 lead pairs (10 steps), no model selection
-    "lead": ["--objective", "lead"],  # one epoch, selected on crop pairs every 10 steps (the default before)
-    "ict": ["--objective", "ict"],
-    "crop": ["--objective", "crop"],
-    "lead+anchor": ["--objective", "lead", "--anchor_weight", "1.0"],
+    "lead": ["--objective", "lead", *EVERY_10],  # one epoch, selected on crop pairs (the default before)
+    "ict": ["--objective", "ict", *EVERY_10],
+    "crop": ["--objective", "crop", *EVERY_10],
+    "lead+anchor": ["--objective", "lead", "--anchor_weight", "1.0", *EVERY_10],
     "lead-noguard": ["--objective", "lead", *NO_GUARD],
     "lead+anchor-noguard": ["--objective", "lead", "--anchor_weight", "1.0", *NO_GUARD],  # the anchor alone
     "ict-noguard": ["--objective", "ict", *NO_GUARD],
-    "tsdae": ["--objective", "tsdae", "--learning_rate", "2e-5", "--batch_size", "8"],
-    "simcse": ["--objective", "simcse", "--learning_rate", "2e-5"],
+    "tsdae": ["--objective", "tsdae", "--learning_rate", "2e-5", "--batch_size", "8", *EVERY_10],
+    "simcse": ["--objective", "simcse", "--learning_rate", "2e-5", *EVERY_10],
 }
 
 

@@ -131,7 +131,8 @@ class TrainConfig(Settings):
         "native bf16 (AVX512-BF16/AMX), where it is faster; no: fp32 throughout.", default="auto")
     logging_steps: int = help_field("Log the loss every N steps.", default=10)
     save_steps: int = help_field("Write a resumable checkpoint every N steps.", default=50)
-    eval_steps: int = help_field("Evaluate on the development split every N steps.", default=10)
+    eval_steps: int = help_field("Evaluate on the development split every N steps; 0 = auto: four evaluations "
+                                 "spread over the run (after step 0, the base model).", default=0)
     select_best: bool = help_field("Keep the state with the best development nDCG@10 (step 0 = the base model): "
                                    "held-out items' --pair_columns, or pairs of held-out documents.", default=True)
     dev_construction: str = help_field(
@@ -165,10 +166,9 @@ class TrainConfig(Settings):
 
     def validate(self):
         check_option(self.learning_rate > 0 and math.isfinite(self.learning_rate), "learning_rate", "must be > 0")
-        check_minimum(self, 1, "batch_size", "gradient_accumulation_steps", "logging_steps", "save_steps",
-                      "eval_steps")
-        check_minimum(self, 0, "max_steps", "weight_decay", "dev_distractors", "decoder_warmup_steps", "threads",
-                      "anchor_weight", "hard_negatives", "negative_skip", "mini_batch_size")
+        check_minimum(self, 1, "batch_size", "gradient_accumulation_steps", "logging_steps", "save_steps")
+        check_minimum(self, 0, "max_steps", "eval_steps", "weight_decay", "dev_distractors", "decoder_warmup_steps",
+                      "threads", "anchor_weight", "hard_negatives", "negative_skip", "mini_batch_size")
         check_option(0.0 <= self.negative_margin < 1.0, "negative_margin", "must be in [0, 1)")
         check_option(not (self.mini_batch_size and self.anchor_weight), "mini_batch_size",
                      "cannot be combined with --anchor_weight (the anchor needs the whole batch's embeddings at once)")

@@ -28,6 +28,9 @@ DOCUMENTS_DEFAULT = "lead"  # what `auto` trains on documents alone: the best me
 # within the first few hundred pairs, and one epoch on the largest lost up to 6 points; no label-free development
 # signal ranked checkpoints as the titles did, and selecting on crop pairs vetoed a +3 point gain.
 DOCUMENTS_PAIRS = 320
+# `--eval_steps 0`: development evaluations per run, besides step 0. Each costs a pass over the development queries
+# and their distractors; on the catalog the kept state was the last one, so more evaluations only bought time.
+DEV_EVALUATIONS = 4
 
 
 @dataclass(frozen=True)
@@ -42,6 +45,7 @@ class RunPlan:
         dev_construction: how development pairs are built from held-out documents (no pair columns).
         holdout_fraction: share of the file's rows held out for model selection (0 without selection).
         max_steps: optimizer steps (0: --epochs decides).
+        eval_steps: steps between development evaluations (0 until `with_budget` resolves it).
     """
 
     objective: str
@@ -51,17 +55,22 @@ class RunPlan:
     dev_construction: str
     holdout_fraction: float
     max_steps: int
+    eval_steps: int = 0
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
-    def with_budget(self, texts: int, train: TrainConfig, world: int = 1) -> "RunPlan":
-        """The documents recipe's steps: as many as DOCUMENTS_PAIRS pairs take, at most --epochs over a smaller
-        file; an explicit --max_steps wins. Other plans are returned as they are."""
+    def with_budget(self, examples: int, train: TrainConfig, world: int = 1) -> "RunPlan":
+        """The steps, once the training examples (texts or pairs) are counted: the documents recipe trains as many
+        as DOCUMENTS_PAIRS pairs take, at most --epochs over a smaller file (an explicit --max_steps wins); and
+        `--eval_steps 0` spreads DEV_EVALUATIONS evaluations over the run's steps."""
         per_step = train.batch_size * train.gradient_accumulation_steps * world
-        if not self.documents_recipe or self.max_steps or DOCUMENTS_PAIRS >= texts * train.epochs:
-            return self
-        return dataclasses.replace(self, max_steps=math.ceil(DOCUMENTS_PAIRS / per_step))
+        max_steps = self.max_steps
+        if self.documents_recipe and not max_steps and DOCUMENTS_PAIRS < examples * train.epochs:
+            max_steps = math.ceil(DOCUMENTS_PAIRS / per_step)
+        steps = max_steps or math.ceil(math.ceil(examples / per_step) * train.epochs)
+        eval_steps = train.eval_steps or max(1, math.ceil(steps / DEV_EVALUATIONS))
+        return dataclasses.replace(self, max_steps=max_steps, eval_steps=eval_steps)
 
 
 def resolve_objective(objective: str, columns, pair_columns: list[str], text_column: str, path: str) -> str:
@@ -123,8 +132,8 @@ def describe(plan: RunPlan, train: TrainConfig, world: int = 1) -> str:
     steps = f"{plan.max_steps} steps" if plan.max_steps else f"{train.epochs:g} epoch(s)"
     per_step = train.batch_size * train.gradient_accumulation_steps * world
     if plan.select_best:
-        return (f"{plan.objective} for {steps} of {per_step} per step; model selection on "
-                f"{plan.holdout_fraction:.0%} of the rows held out")
+        return (f"{plan.objective} for {steps} of {per_step} per step; model selection every {plan.eval_steps} "
+                f"steps on {plan.holdout_fraction:.0%} of the rows held out")
     why = ("the documents-alone default: judge it with --eval_data on real queries" if plan.documents_recipe
            else "--select_best false")
     return f"{plan.objective} for {steps} of {per_step} per step; no model selection, nothing held out ({why})"

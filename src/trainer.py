@@ -96,7 +96,7 @@ def training_arguments(train: TrainConfig, plan: RunPlan, folder: Path, device: 
         warmup_steps=train.warmup_ratio, lr_scheduler_type=train.lr_scheduler, weight_decay=train.weight_decay,
         logging_steps=train.logging_steps, save_steps=train.save_steps, save_total_limit=SAVE_TOTAL_LIMIT,
         seed=train.seed, data_seed=train.seed, bf16=bf16_enabled(device, train.bf16), use_cpu=device == "cpu",
-        report_to="none", eval_strategy="steps" if has_dev else "no", eval_steps=train.eval_steps if has_dev else None,
+        report_to="none", eval_strategy="steps" if has_dev else "no", eval_steps=plan.eval_steps if has_dev else None,
         prompts=prompts or None, dataloader_num_workers=0,
         # The duplicate check reads every row: for TSDAE alone that would compute each text's noise twice.
         batch_sampler=(BatchSamplers.NO_DUPLICATES if uses_in_batch_negatives(plan.objective)
@@ -164,7 +164,8 @@ def read_inputs(cfg: Config) -> tuple[RunPlan, TrainingData, RetrievalData | Non
     plan = plan_run(cfg, [str(c) for c in frame.columns], world_size())
     data = load_training_data(cfg.data, cfg.train.seed, needs_texts(plan.objective), needs_pairs(plan.objective),
                               frame, plan.holdout_fraction)
-    plan = plan.with_budget(len(data.texts), cfg.train, world_size())
+    examples = len(data.pairs) * needs_pairs(plan.objective) + len(data.texts) * needs_texts(plan.objective)
+    plan = plan.with_budget(examples, cfg.train, world_size())
     logger.info("plan: %s", describe(plan, cfg.train, world_size()))
     logger.info("objective %s: %s", plan.objective, training_counts(plan.objective, len(data.texts), len(data.pairs),
                 len(data.dev_texts), len(data.dev_pairs)))
