@@ -46,7 +46,8 @@ def encode(model, texts: list[str], prompt_name: str | None, batch_size: int,
         return emb, None
     started = time.perf_counter()
     emb = model.encode(texts, prompt_name=prompt_name, batch_size=batch_size, show_progress_bar=True,
-                       convert_to_numpy=True, normalize_embeddings=True).astype(np.float32)
+                       convert_to_numpy=True, normalize_embeddings=True, device=encoding_devices())
+    emb = emb.astype(np.float32, copy=False)
     rate = len(texts) / max(time.perf_counter() - started, 1e-9)
     if cache is not None:
         cache.store(texts, prompt_name, emb)
@@ -189,7 +190,17 @@ def markdown_report(summary: dict) -> str:
 # Entry points
 
 
-def load_model(name_or_path: str, device: str = "cpu"):
+def encoding_devices() -> list[str] | None:
+    """Every GPU when there are several (sentence-transformers then encodes with one process per GPU); else None:
+    the model's own device (on CPU, with the threads torch is given)."""
+    import torch
+
+    count = torch.cuda.device_count()
+    return [f"cuda:{i}" for i in range(count)] if count > 1 else None
+
+
+def load_model(name_or_path: str, device: str | None = None):
+    """A model for encoding, on the GPU when there is one (`device` None), with e5's document prompt."""
     from sentence_transformers import SentenceTransformer
 
     from src.provision import e5_document_prompt, resolve_model

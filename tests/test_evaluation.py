@@ -235,3 +235,23 @@ def test_metrics_plot_is_written(tmp_path, two):
     plot_metrics(results, tmp_path / "metrics.png", comparison, "data/ru_catalog/test: 50 queries, 80 documents")
     data = (tmp_path / "metrics.png").read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+
+
+def test_several_gpus_encode_with_one_process_each_and_one_device_encodes_alone(monkeypatch):
+    import torch
+
+    from src.evaluation import encode
+
+    seen = {}
+
+    class Model:
+        def encode(self, texts, **kwargs):
+            seen.update(kwargs)
+            return np.ones((len(texts), 4), dtype=np.float64)
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    emb, _ = encode(Model(), ["a", "b"], None, 8)
+    assert seen["device"] == ["cuda:0", "cuda:1"] and emb.dtype == np.float32 and emb.shape == (2, 4)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    encode(Model(), ["a"], None, 8)
+    assert seen["device"] is None  # the model's own device
