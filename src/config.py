@@ -103,8 +103,9 @@ class TrainConfig(Settings):
         "ict: a sentence of a document -> the rest; crop: two random spans of a document; lead: a document's "
         "leading line or sentence -> the rest; simcse: dropout-noise contrastive on texts; tsdae: denoising "
         "auto-encoder on texts. Measured results: docs/RESULTS.md.", default="auto")
-    learning_rate: float = help_field("Peak learning rate (measured default for LoRA + mnrl; TSDAE/SimCSE on e5 want "
-                                      "far less, e.g. 2e-5).", default=1e-4)
+    learning_rate: float = help_field("Peak learning rate; 0 = auto: 2e-4 for mnrl alone, 1e-4 for the other "
+                                      "objectives (both as measured; TSDAE/SimCSE on e5 want far less, e.g. 2e-5).",
+                                      default=0.0)
     batch_size: int = help_field("Texts (or pairs) per device per step; mnrl/simcse use the rest of the batch as "
                                  "negatives, so larger is better for them.", default=32)
     gradient_accumulation_steps: int = help_field("Steps to accumulate before an optimizer update.", default=1)
@@ -165,7 +166,8 @@ class TrainConfig(Settings):
     threads: int = help_field("CPU threads for torch (0 = torch's default).", default=0)
 
     def validate(self):
-        check_option(self.learning_rate > 0 and math.isfinite(self.learning_rate), "learning_rate", "must be > 0")
+        check_option(self.learning_rate >= 0 and math.isfinite(self.learning_rate), "learning_rate",
+                     "must be >= 0 (0 = auto)")
         check_minimum(self, 1, "batch_size", "gradient_accumulation_steps", "logging_steps", "save_steps")
         check_minimum(self, 0, "max_steps", "eval_steps", "weight_decay", "dev_distractors", "decoder_warmup_steps",
                       "threads", "anchor_weight", "hard_negatives", "negative_skip", "mini_batch_size")

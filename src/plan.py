@@ -28,6 +28,9 @@ DOCUMENTS_DEFAULT = "lead"  # what `auto` trains on documents alone: the best me
 # within the first few hundred pairs, and one epoch on the largest lost up to 6 points; no label-free development
 # signal ranked checkpoints as the titles did, and selecting on crop pairs vetoed a +3 point gain.
 DOCUMENTS_PAIRS = 320
+# `--learning_rate 0`: LoRA on (query, document) pairs learned more at 2e-4 than at 1e-4 (docs/RESULTS.md, the
+# catalogs); every other objective was measured at 1e-4.
+PAIRS_LEARNING_RATE, OTHER_LEARNING_RATE = 2e-4, 1e-4
 # `--eval_steps 0`: development evaluations per run, besides step 0. Each costs a pass over the development queries
 # and their distractors; on the catalog the kept state was the last one, so more evaluations only bought time.
 DEV_EVALUATIONS = 4
@@ -45,6 +48,7 @@ class RunPlan:
         dev_construction: how development pairs are built from held-out documents (no pair columns).
         holdout_fraction: share of the file's rows held out for model selection (0 without selection).
         max_steps: optimizer steps (0: --epochs decides).
+        learning_rate: the peak learning rate.
         eval_steps: steps between development evaluations (0 until `with_budget` resolves it).
     """
 
@@ -55,6 +59,7 @@ class RunPlan:
     dev_construction: str
     holdout_fraction: float
     max_steps: int
+    learning_rate: float
     eval_steps: int = 0
 
     def to_dict(self) -> dict:
@@ -122,18 +127,19 @@ def plan_run(cfg: Config, columns: list[str], world: int = 1) -> RunPlan:
         raise UsageError("option --monitor_data: the documents-alone default trains without model selection; pass "
                          f"--objective {DOCUMENTS_DEFAULT} to select on development pairs and monitor them")
     select = t.select_best and not recipe
+    learning_rate = t.learning_rate or (PAIRS_LEARNING_RATE if objective == "mnrl" else OTHER_LEARNING_RATE)
     return RunPlan(objective, recipe, select, tuple(t.lora_scale_values()) if select else (),
                    dev_construction(t.dev_construction, objective), cfg.data.validation_fraction if select else 0.0,
-                   t.max_steps)
+                   t.max_steps, learning_rate)
 
 
 def describe(plan: RunPlan, train: TrainConfig, world: int = 1) -> str:
     """The plan in one log line."""
     steps = f"{plan.max_steps} steps" if plan.max_steps else f"{train.epochs:g} epoch(s)"
-    per_step = train.batch_size * train.gradient_accumulation_steps * world
+    per_step = f"{train.batch_size * train.gradient_accumulation_steps * world} per step, lr {plan.learning_rate:g}"
     if plan.select_best:
-        return (f"{plan.objective} for {steps} of {per_step} per step; model selection every {plan.eval_steps} "
+        return (f"{plan.objective} for {steps} of {per_step}; model selection every {plan.eval_steps} "
                 f"steps on {plan.holdout_fraction:.0%} of the rows held out")
     why = ("the documents-alone default: judge it with --eval_data on real queries" if plan.documents_recipe
            else "--select_best false")
-    return f"{plan.objective} for {steps} of {per_step} per step; no model selection, nothing held out ({why})"
+    return f"{plan.objective} for {steps} of {per_step}; no model selection, nothing held out ({why})"

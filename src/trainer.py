@@ -92,7 +92,7 @@ def training_arguments(train: TrainConfig, plan: RunPlan, folder: Path, device: 
     return SentenceTransformerTrainingArguments(
         output_dir=str(folder / CHECKPOINTS), per_device_train_batch_size=train.batch_size,
         per_device_eval_batch_size=train.batch_size, gradient_accumulation_steps=train.gradient_accumulation_steps,
-        learning_rate=train.learning_rate, num_train_epochs=train.epochs, max_steps=plan.max_steps or -1,
+        learning_rate=plan.learning_rate, num_train_epochs=train.epochs, max_steps=plan.max_steps or -1,
         warmup_steps=train.warmup_ratio, lr_scheduler_type=train.lr_scheduler, weight_decay=train.weight_decay,
         logging_steps=train.logging_steps, save_steps=train.save_steps, save_total_limit=SAVE_TOTAL_LIMIT,
         seed=train.seed, data_seed=train.seed, bf16=bf16_enabled(device, train.bf16), use_cpu=device == "cpu",

@@ -61,7 +61,7 @@ def run(*args, cwd=ROOT):
 
 @pytest.mark.parametrize("args,code,message", [
     (("src.trainer", "--precision", "fp8"), 2, "invalid choice"),
-    (("src.trainer", "--learning_rate", "0"), 2, "option --learning_rate"),
+    (("src.trainer", "--learning_rate", "-0.1"), 2, "option --learning_rate"),
     (("src.trainer", "--train_file", "nope.csv", "--output_dir", "{tmp}/r"), 1, "nope.csv: file does not exist"),
     (("src.evaluation", "--model", "{tmp}/missing"), 1, "does not exist"),
     (("src.create_dataset", "--train_file", "{tmp}/x.docx"), 1, "unsupported file type"),

@@ -301,6 +301,7 @@ def test_documents_budget_gives_way_to_a_small_file_an_explicit_max_steps_and_re
     assert (catalog.objective, catalog.select_best, catalog.holdout_fraction, catalog.max_steps) == (
         "mnrl", True, 0.05, 0)  # pairs: one epoch, selected on 5% of the items held out
     assert catalog.eval_steps == 40  # 157 steps of 32 pairs: four evaluations, at 40, 80, 120 and the end
+    assert (catalog.learning_rate, budget.learning_rate) == (2e-4, 1e-4)  # auto: as measured for each
     every_10 = Config(train=TrainConfig(eval_steps=10))
     assert plan_run(every_10, ["title", "description"]).with_budget(5000, every_10.train).eval_steps == 10
     with pytest.raises(UsageError, match="option --monitor_data: .*--objective lead"):
