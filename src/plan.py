@@ -69,13 +69,18 @@ class RunPlan:
         """The steps, once the training examples (texts or pairs) are counted: the documents recipe trains as many
         as DOCUMENTS_PAIRS pairs take, at most --epochs over a smaller file (an explicit --max_steps wins); and
         `--eval_steps 0` spreads DEV_EVALUATIONS evaluations over the run's steps."""
-        per_step = train.batch_size * train.gradient_accumulation_steps * world
+        per_step = examples_per_step(train, world)
         max_steps = self.max_steps
         if self.documents_recipe and not max_steps and DOCUMENTS_PAIRS < examples * train.epochs:
             max_steps = math.ceil(DOCUMENTS_PAIRS / per_step)
         steps = max_steps or math.ceil(math.ceil(examples / per_step) * train.epochs)
         eval_steps = train.eval_steps or max(1, math.ceil(steps / DEV_EVALUATIONS))
         return dataclasses.replace(self, max_steps=max_steps, eval_steps=eval_steps)
+
+
+def examples_per_step(train: TrainConfig, world: int) -> int:
+    """The effective batch: examples per optimizer step over every process."""
+    return train.batch_size * train.gradient_accumulation_steps * world
 
 
 def resolve_objective(objective: str, columns, pair_columns: list[str], text_column: str, path: str) -> str:
@@ -136,7 +141,7 @@ def plan_run(cfg: Config, columns: list[str], world: int = 1) -> RunPlan:
 def describe(plan: RunPlan, train: TrainConfig, world: int = 1) -> str:
     """The plan in one log line."""
     steps = f"{plan.max_steps} steps" if plan.max_steps else f"{train.epochs:g} epoch(s)"
-    per_step = f"{train.batch_size * train.gradient_accumulation_steps * world} per step, lr {plan.learning_rate:g}"
+    per_step = f"{examples_per_step(train, world)} per step, lr {plan.learning_rate:g}"
     if plan.select_best:
         return (f"{plan.objective} for {steps} of {per_step}; model selection every {plan.eval_steps} "
                 f"steps on {plan.holdout_fraction:.0%} of the rows held out")
