@@ -5,23 +5,27 @@
 Collections:
 - ru_catalog_docs: the descriptions (no titles) of the bundled data/ru_catalog/train.jsonl as training
   documents; its test set is the existing data/ru_catalog/test (not copied).
-- ru_gimp_help, en_postgresql_doc, en_python_doc: the GIMP manual in Russian, the PostgreSQL 15 manual and the
-  Python 3.11 documentation, from Debian 12 packages downloaded here with `apt-get download` (needs `apt-get
-  update` once) and unpacked with `dpkg-deb -x`. HTML pages are split at their headings (h1-h4): a section's
-  TITLE is the query, its BODY (the title removed) the document.
+- ru_gimp_help, en_postgresql_doc, en_python_doc, en_linux_doc: the GIMP manual in Russian, the PostgreSQL 15
+  manual, the Python 3.11 documentation and the Linux 6.1 kernel documentation, from Debian 12 packages downloaded
+  here with `apt-get download` (needs `apt-get update` once) and unpacked with `dpkg-deb -x`. HTML pages are split
+  at their headings (h1-h4): a section's TITLE is the query, its BODY (the title removed) the document.
+- en_anarchist_faq: the same from "An Anarchist FAQ" (Debian package anarchism), whose headings are its questions
+  ("Why are anarchists against the state?"): the test queries are questions only (titles with a "?").
 
 Rules for the Debian collections (like `holdout_split` of the catalog in scripts.build_sample_data):
 - bodies are plain text (markup stripped, whitespace squeezed, one paragraph a line), a leading repeat of the
-  title removed, cut to 1,500 characters; titles lose their "4.2." numbering;
+  title removed, cut to 1,500 characters; titles lose their numbering ("4.2.", "B.4.3", "3 ");
 - a title that cannot be a query (under 2 words, generic: GENERIC_TITLES, or occurring more than once in the
   source) makes no item of its own: the section's text (not its heading) joins the enclosing section's body; a page
   without such an enclosing section stays an untitled document (training document and distractor only);
 - dropped: bodies under 15 words; in the Russian collection, texts that are mostly not Cyrillic (untranslated
   pages); exact duplicate bodies keep one copy;
-- at most 3,000 documents and ~3 MB per collection (a seed-0 sample when the source has more);
-- test items: 300-500 (a third of the documents, within those bounds) drawn with seed 0 among titled items whose
-  body shares under half of its 6-word shingles with every other body (`near_duplicates`); the other documents
-  are the training documents. The test corpus holds every document, training ones included as distractors.
+- at most 3,000 documents and ~3 MB per collection, 6,000 and ~13 MB for en_linux_doc (`Source.max_docs`,
+  `max_bytes`; a seed-0 sample when the source has more);
+- test items: 300-500 (a third of the documents, within those bounds) drawn with seed 0 among titled items
+  (en_anarchist_faq: its questions) whose body shares under half of its 6-word shingles with every other body
+  (`near_duplicates`); the other documents are the training documents. The test corpus holds every document,
+  training ones included as distractors.
 
 Writes <out>/<name>/train.jsonl ({"_id", "text"}) and <out>/<name>/test/ (BEIR: corpus.jsonl, queries.jsonl,
 qrels/test.tsv), then prints a table of the collections with the source package versions.
@@ -41,7 +45,14 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-from scripts.manual_sections import Item, gimp_help_items, postgresql_doc_items, python_doc_items
+from scripts.manual_sections import (
+    Item,
+    anarchist_faq_items,
+    gimp_help_items,
+    linux_doc_items,
+    postgresql_doc_items,
+    python_doc_items,
+)
 from src.errors import KitError, run_cli
 from src.preprocess import clean_text
 from src.retrieval_data import RetrievalData, near_duplicates, save_beir
@@ -64,8 +75,9 @@ GENERIC_TITLES = {normalized_key(t) for t in (
     "Description of the dialog", "Getting started", "Further reading", "More information",
     "Описание", "Введение", "Обзор", "Примечание", "Примечания", "Пример", "Примеры", "См. также", "Параметры",
     "Подробнее", "Дополнительная информация", "Советы", "Совет")}
-_NUMBERING = re.compile(  # "4.2. ", "E.1. ", "Chapter 5. ", "Глава 5. "
-    r"^(?:(?:Chapter|Appendix|Part|Глава|Приложение|Часть)\s+)?(?:[A-Z]|[IVX]+|\d+)(?:\.\d+)*\.\s+")
+_NUMBERING = re.compile(  # "4.2. ", "E.1. ", "Chapter 5. ", "Глава 5. "; "B.4.3 ", "4.72 ", "3 " (not "1772 Floppy")
+    r"^(?:(?:Chapter|Appendix|Part|Глава|Приложение|Часть)\s+)?"
+    r"(?:(?:[A-Z]|[IVX]+|\d+)(?:\.\d+)*\.|(?:[A-Z]|\d+)(?:\.\d+)+|\d{1,2}(?=\s+[A-Z]))\s+")
 _CYRILLIC, _LATIN = re.compile(r"[а-яё]", re.I), re.compile(r"[a-z]", re.I)
 
 
@@ -74,12 +86,18 @@ class Source:
     language: str
     package: str
     parse: Callable[[Path], list[Item]]  # unpacked package root -> items
+    max_docs: int = MAX_DOCS
+    max_bytes: int = MAX_BYTES
+    questions_only: bool = False  # an FAQ: its other headings ("The Paris Commune") make training documents only
 
 
 SOURCES = {
     "ru_gimp_help": Source("ru", "gimp-help-ru", gimp_help_items),
     "en_postgresql_doc": Source("en", "postgresql-doc-15", postgresql_doc_items),
     "en_python_doc": Source("en", "python3.11-doc", python_doc_items),
+    # the one large collection (6,000 documents), for checks that need more documents than the others have
+    "en_linux_doc": Source("en", "linux-doc-6.1", linux_doc_items, max_docs=6000, max_bytes=13_000_000),
+    "en_anarchist_faq": Source("en", "anarchism", anarchist_faq_items, questions_only=True),
 }
 CATALOG = "ru_catalog_docs"
 
@@ -201,18 +219,19 @@ def select_items(items: list[Item], language: str) -> tuple[pd.DataFrame, dict]:
     return frame[~dropped].reset_index(drop=True), counts
 
 
-def cap(frame: pd.DataFrame) -> pd.DataFrame:
-    """At most MAX_DOCS documents and ~MAX_BYTES on disk (each body is written twice: train and corpus)."""
+def cap(frame: pd.DataFrame, max_docs: int, max_bytes: int) -> pd.DataFrame:
+    """At most max_docs documents and ~max_bytes on disk (each body is written twice: train and corpus)."""
     order = np.random.default_rng(SEED).permutation(len(frame))
     size = np.cumsum([2 * len(frame["body"][i].encode()) + 60 for i in order])
-    keep = order[: min(MAX_DOCS, int(np.searchsorted(size, MAX_BYTES, side="right")))]
+    keep = order[: min(max_docs, int(np.searchsorted(size, max_bytes, side="right")))]
     return frame.iloc[np.sort(keep)].reset_index(drop=True)
 
 
-def split(frame: pd.DataFrame) -> tuple[list[dict], RetrievalData]:
-    """Hold out test items among the titled items whose body is unlike every other body; -> training
-    documents, test data."""
-    eligible = np.flatnonzero(~near_duplicates(frame["body"].map(normalized_key).tolist()) & (frame["title"] != ""))
+def split(frame: pd.DataFrame, questions_only: bool) -> tuple[list[dict], RetrievalData]:
+    """Hold out test items among the titled items (questions only, if asked) whose body is unlike every other
+    body; -> training documents, test data."""
+    queries_ok = frame["title"].str.contains("?", regex=False) if questions_only else frame["title"] != ""
+    eligible = np.flatnonzero(~near_duplicates(frame["body"].map(normalized_key).tolist()) & queries_ok)
     n_test = min(MAX_TEST, max(MIN_TEST, len(frame) // 3), len(eligible))
     is_test = np.zeros(len(frame), dtype=bool)
     is_test[np.random.default_rng(SEED).choice(eligible, n_test, replace=False)] = True
@@ -236,8 +255,8 @@ def mean_words(texts) -> float:
 def build_debian(name: str, source: Source, out: Path, workdir: Path) -> dict:
     root, version = fetch_package(source.package, workdir)
     frame, counts = select_items(source.parse(root), source.language)
-    frame = cap(frame)
-    train, test = split(frame)
+    frame = cap(frame, source.max_docs, source.max_bytes)
+    train, test = split(frame, source.questions_only)
     write_table(pd.DataFrame(train), out / name / "train.jsonl")
     save_beir(test, out / name / "test")
     print(f"{name}: {counts['sections']} sections; titles short {counts['short_title']}, generic "

@@ -97,11 +97,36 @@ def postgresql_doc_items(root: Path) -> list[Item]:
     return html_items(p for p in sorted(folder.glob("*.html")) if not p.name.startswith("release"))
 
 
+def pages(folder: Path, skip: tuple[str, ...]) -> list[Path]:
+    """The HTML pages under `folder` whose path (relative to it) contains none of the `skip` strings."""
+    return [p for p in sorted(folder.rglob("*.html")) if not any(k in p.relative_to(folder).as_posix() for k in skip)]
+
+
 def python_doc_items(root: Path) -> list[Item]:
     """Python 3.11 documentation (Sphinx HTML), split at headings; "What's New", the changelog and the index
     pages left out."""
     folder = next(root.glob("usr/share/doc/python3.*/html"))
-    skip = ("whatsnew/", "genindex", "py-modindex", "search.html", "contents.html", "index.html", "bugs.html",
-            "copyright.html", "license.html", "about.html", "download.html")
-    files = [p for p in sorted(folder.rglob("*.html")) if not any(k in p.relative_to(folder).as_posix() for k in skip)]
-    return html_items(files)
+    return html_items(pages(folder, ("whatsnew/", "genindex", "py-modindex", "search.html", "contents.html",
+                                     "index.html", "bugs.html", "copyright.html", "license.html", "about.html",
+                                     "download.html")))
+
+
+def linux_doc_items(root: Path) -> list[Item]:
+    """Linux 6.1 kernel documentation (Sphinx HTML), split at headings. Left out: the translations (not English),
+    Sphinx's copies of the reST sources, the index and search pages, the ABI listings (admin-guide/abi*.html:
+    sysfs paths with What/Date/Contact fields, hardly prose) and the MAINTAINERS list (process/maintainers.html:
+    names, addresses and file patterns)."""
+    folder = next(root.glob("usr/share/doc/linux-doc-*/html"))
+    return html_items(pages(folder, ("translations/", "_sources/", "_static/", "genindex", "search.html",
+                                     "admin-guide/abi", "process/maintainers.html")))
+
+
+def anarchist_faq_items(root: Path) -> list[Item]:
+    """An Anarchist FAQ (HTML, a page per question with its sub-questions as headings): the question pages of
+    sections A-J (secA1.html ... secJ7.html) and of the appendices (append11.html ... append46.html). Left out,
+    because their headings repeat questions, which would then be no query (a repeated title) anywhere: the contents
+    pages (sec?con.html, append1/2/3/4.html: append2.html opens with its own contents) and append13*.html, an older
+    version of section F; also the front matter and the sections' introductions."""
+    folder = root / "usr/share/doc/anarchism/html"
+    files = [*folder.glob("sec[A-J][0-9]*.html"), *folder.glob("append[0-9][0-9]*.html")]
+    return html_items(sorted(p for p in files if not p.name.startswith("append13")))
