@@ -118,6 +118,8 @@ class TrainConfig(Settings):
     gradient_checkpointing: bool = help_field(
         "Recompute activations in backward: less peak memory (far less for large encoders) for a slower step "
         "(docs/RESULTS.md). Turn off (--gradient_checkpointing false) when memory is plentiful.", default=True)
+    checkpoint_every: int = help_field("With --gradient_checkpointing: recompute every Nth encoder layer (1 = all, "
+                                       "the least memory; 2 = every other: faster, between the two).", default=2)
     decoder_vocab: Literal["corpus", "full"] = help_field("Decoder softmax over the token ids of the training texts "
                                                           "(all targets lie there; faster) or all.", default="corpus")
     decoder_warmup_steps: int = help_field("TSDAE: optimizer steps during which only the decoder's new weights learn "
@@ -132,8 +134,8 @@ class TrainConfig(Settings):
         "native bf16 (AVX512-BF16/AMX), where it is faster; no: fp32 throughout.", default="auto")
     logging_steps: int = help_field("Log the loss every N steps.", default=10)
     save_steps: int = help_field("Write a resumable checkpoint every N steps.", default=50)
-    eval_steps: int = help_field("Evaluate on the development split every N steps; 0 = auto: four evaluations "
-                                 "spread over the run (after step 0, the base model).", default=0)
+    eval_steps: int = help_field("Evaluate on the development split every N steps (and step 0, the base model); "
+                                 "0 = auto: pairs at each epoch's end, other objectives four times a run.", default=0)
     select_best: bool = help_field("Keep the state with the best development nDCG@10 (step 0 = the base model): "
                                    "held-out items' --pair_columns, or pairs of held-out documents.", default=True)
     dev_construction: str = help_field(
@@ -168,7 +170,8 @@ class TrainConfig(Settings):
     def validate(self):
         check_option(self.learning_rate >= 0 and math.isfinite(self.learning_rate), "learning_rate",
                      "must be >= 0 (0 = auto)")
-        check_minimum(self, 1, "batch_size", "gradient_accumulation_steps", "logging_steps", "save_steps")
+        check_minimum(self, 1, "batch_size", "gradient_accumulation_steps", "logging_steps", "save_steps",
+                      "checkpoint_every")
         check_minimum(self, 0, "max_steps", "eval_steps", "weight_decay", "dev_distractors", "decoder_warmup_steps",
                       "threads", "anchor_weight", "hard_negatives", "negative_skip", "mini_batch_size")
         check_option(0.0 <= self.negative_margin < 1.0, "negative_margin", "must be in [0, 1)")

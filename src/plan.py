@@ -32,7 +32,10 @@ DOCUMENTS_PAIRS = 320
 # catalogs); every other objective was measured at 1e-4.
 PAIRS_LEARNING_RATE, OTHER_LEARNING_RATE = 2e-4, 1e-4
 # `--eval_steps 0`: development evaluations per run, besides step 0. Each costs a pass over the development queries
-# and their distractors; on the catalog the kept state was the last one, so more evaluations only bought time.
+# and their distractors (on the catalog about as long as five training steps). Pairs (mnrl alone) are evaluated at
+# each epoch's end only: on both catalogs, in every run, the last state of the epoch was the best or within noise
+# of it (docs/RESULTS.md), so evaluations within it bought nothing but time; the adapter-scale search still looks
+# part of the way back. Other objectives overtrain within an epoch: DEV_EVALUATIONS spread over the run.
 DEV_EVALUATIONS = 4
 
 
@@ -68,14 +71,15 @@ class RunPlan:
     def with_budget(self, examples: int, train: TrainConfig, world: int = 1) -> "RunPlan":
         """The steps, once the training examples (texts or pairs) are counted: the documents recipe trains as many
         as DOCUMENTS_PAIRS pairs take, at most --epochs over a smaller file (an explicit --max_steps wins); and
-        `--eval_steps 0` spreads DEV_EVALUATIONS evaluations over the run's steps."""
+        `--eval_steps 0` evaluates pairs at each epoch's end, other objectives DEV_EVALUATIONS times a run."""
         per_step = examples_per_step(train, world)
         max_steps = self.max_steps
         if self.documents_recipe and not max_steps and DOCUMENTS_PAIRS < examples * train.epochs:
             max_steps = math.ceil(DOCUMENTS_PAIRS / per_step)
-        steps = max_steps or math.ceil(math.ceil(examples / per_step) * train.epochs)
-        eval_steps = train.eval_steps or max(1, math.ceil(steps / DEV_EVALUATIONS))
-        return dataclasses.replace(self, max_steps=max_steps, eval_steps=eval_steps)
+        epoch = math.ceil(examples / per_step)
+        steps = max_steps or math.ceil(epoch * train.epochs)
+        spread = epoch if self.objective == "mnrl" else max(1, math.ceil(steps / DEV_EVALUATIONS))
+        return dataclasses.replace(self, max_steps=max_steps, eval_steps=train.eval_steps or spread)
 
 
 def examples_per_step(train: TrainConfig, world: int) -> int:

@@ -49,8 +49,8 @@ def prepare_run_folder(cfg: Config) -> Path:
 # checkpoints and best development score under another's settings, or be ignored: the optimizer and scheduler
 # come from the checkpoint, so a new --learning_rate would not even apply.
 RESUMABLE = {"train.resume", "train.threads", "train.device", "train.logging_steps", "train.save_steps",
-             "train.monitor_data", "train.gradient_checkpointing", "model.trust_remote_code", "model.allow_pickle",
-             "train.batch_size", "train.gradient_accumulation_steps"}
+             "train.monitor_data", "train.gradient_checkpointing", "train.checkpoint_every", "model.trust_remote_code",
+             "model.allow_pickle", "train.batch_size", "train.gradient_accumulation_steps"}
 
 
 def check_resumable(saved: dict, current: dict, partial: Path) -> None:

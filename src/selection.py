@@ -70,7 +70,21 @@ def development_pairs(data: TrainingData, construction: str, train: TrainConfig)
     return [(q, d) for q, d in pairs if q != d], [pool(t, i)[1] for i, t in enumerate(data.texts)]
 
 
-class MonitorEvaluator(InformationRetrievalEvaluator):
+class SelectionEvaluator(InformationRetrievalEvaluator):
+    """The evaluator, encoding under bf16 autocast when training runs in it (`bf16`): model selection's evaluations
+    run outside the trainer's autocast, and in fp32 they took as long as ten training steps on the catalog. The
+    embeddings come back as fp32, so scores and ranks are computed as before."""
+
+    def __init__(self, *args, bf16: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.bf16 = bf16
+
+    def embed_inputs(self, model, *args, **kwargs):
+        with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            return super().embed_inputs(model, *args, **kwargs).float()
+
+
+class MonitorEvaluator(SelectionEvaluator):
     """The evaluator, leaving nothing in the saved model's card: the monitor's data (often the very test set) is
     watched, and its scores must not read as the model's own evaluation."""
 
@@ -78,19 +92,19 @@ class MonitorEvaluator(InformationRetrievalEvaluator):
         """Not stored (see the class docstring)."""
 
 
-def retrieval_evaluator(name: str, data: RetrievalData, model: SentenceTransformer, batch_size: int,
-                        kind: type = InformationRetrievalEvaluator):
+def retrieval_evaluator(name: str, data: RetrievalData, model: SentenceTransformer, batch_size: int, bf16: bool,
+                        kind: type = SelectionEvaluator):
     """sentence-transformers' evaluator over queries, corpus and qrels (binary: relevant or not), with the model's
     e5 prompts."""
     prompts = model.prompts or {}
     return kind(
         data.queries, data.corpus, {q: set(d) for q, d in data.qrels.items()}, name=name, batch_size=batch_size,
         query_prompt=prompts.get("query"), corpus_prompt=prompts.get("passage"), ndcg_at_k=[10], mrr_at_k=[10],
-        accuracy_at_k=[1], precision_recall_at_k=[10], map_at_k=[100])
+        accuracy_at_k=[1], precision_recall_at_k=[10], map_at_k=[100], bf16=bf16)
 
 
 def dev_evaluator(model: SentenceTransformer, data: TrainingData, plan: RunPlan, train: TrainConfig,
-                  batch_size: int):
+                  batch_size: int, bf16: bool):
     """nDCG@10 of the development queries against their documents, among up to --dev_distractors others
     (without them, ~100 documents make the task too easy to tell checkpoints apart): the model-selection
     signal. Development items are excluded from training, and the held-out test pairs are never looked at."""
@@ -109,16 +123,16 @@ def dev_evaluator(model: SentenceTransformer, data: TrainingData, plan: RunPlan,
         logger.warning("model selection uses %s pairs of held-out documents, built like the training pairs: they "
                        "reward the training task itself, not real queries; use --dev_construction auto, and judge "
                        "the result with --eval_data", plan.dev_construction)
-    return retrieval_evaluator(DEV_NAME, dev, model, batch_size)
+    return retrieval_evaluator(DEV_NAME, dev, model, batch_size, bf16)
 
 
-def with_monitor(dev, model: SentenceTransformer, monitor: RetrievalData | None, batch_size: int):
+def with_monitor(dev, model: SentenceTransformer, monitor: RetrievalData | None, batch_size: int, bf16: bool):
     """The development evaluator, followed by the monitor when --monitor_data is given (its score never selects)."""
     if monitor is None:
         return dev
     logger.info("monitoring %s: %d queries among %d documents, scored at every development evaluation, never "
                 "selected on", monitor.source, len(monitor.queries), len(monitor.corpus))
-    watched = retrieval_evaluator(MONITOR_NAME, monitor, model, batch_size, MonitorEvaluator)
+    watched = retrieval_evaluator(MONITOR_NAME, monitor, model, batch_size, bf16, MonitorEvaluator)
     return SequentialEvaluator([dev, watched], main_score_function=lambda scores: scores[0])
 
 
@@ -246,11 +260,13 @@ class ModelSelection(TrainerCallback):
 
 
 def model_selection(model: SentenceTransformer, data: TrainingData, plan: RunPlan, train: TrainConfig,
-                    batch_size: int, monitor: RetrievalData | None, folder: Path) -> ModelSelection | None:
-    """The run's model selection, or None when the plan selects nothing or the data holds too few pairs."""
-    dev = dev_evaluator(model, data, plan, train, batch_size) if plan.select_best else None
+                    batch_size: int, monitor: RetrievalData | None, folder: Path, bf16: bool = False
+                    ) -> ModelSelection | None:
+    """The run's model selection, or None when the plan selects nothing or the data holds too few pairs; `bf16`:
+    encode under bf16 autocast, as training does."""
+    dev = dev_evaluator(model, data, plan, train, batch_size, bf16) if plan.select_best else None
     if dev is None:
         if monitor is not None:
             logger.warning("--monitor_data is not scored: no model selection in this run")
         return None
-    return ModelSelection(model, folder, with_monitor(dev, model, monitor, batch_size), plan.lora_scales)
+    return ModelSelection(model, folder, with_monitor(dev, model, monitor, batch_size, bf16), plan.lora_scales)

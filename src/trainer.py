@@ -116,7 +116,8 @@ def build_trainer(cfg: Config, plan: RunPlan, model, data: TrainingData, folder:
         # Registered under the Transformer module, so data-parallel wrappers see (and all-reduce) its weights
         # and the checkpoints include them.
         model[0].tsdae_decoder = objective.decoder
-    selection = model_selection(model, data, plan, t, cfg.eval.eval_batch_size, monitor, folder)
+    selection = model_selection(model, data, plan, t, cfg.eval.eval_batch_size, monitor, folder,
+                                bf16_enabled(device, t.bf16))
     callbacks = [TrainableStateCallback(model), StopOnSignalCallback(), EpochCallback(objective.epoch_aware)]
     if objective.decoder is not None and t.decoder_warmup_steps:
         decoder_ids = {id(p) for p in objective.decoder.parameters()}
@@ -201,7 +202,7 @@ def train_model(cfg: Config, plan: RunPlan, data: TrainingData, folder: Path, de
                 monitor: RetrievalData | None) -> tuple[KitTrainer, object, dict]:
     """Build, train (from the last checkpoint with --resume) and select: the trainer, its result and run.json's
     selection record."""
-    model = build_model(cfg.model, device, cfg.train.gradient_checkpointing)
+    model = build_model(cfg.model, device, cfg.train.checkpoint_every * cfg.train.gradient_checkpointing)
     trainer, selection = build_trainer(cfg, plan, model, data, folder, device, monitor)
     checkpoint = last_complete_checkpoint(Path(trainer.args.output_dir)) if cfg.train.resume else None
     if cfg.train.resume and checkpoint is None:

@@ -114,7 +114,7 @@ def test_development_pairs_are_never_built_like_the_training_pairs_unless_asked(
     for construction, warned in (("lead", True), ("crop", False), ("auto", False)):
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="src.selection"):
-            assert dev_evaluator(model, data, plan("lead", construction), TrainConfig(), 8) is not None
+            assert dev_evaluator(model, data, plan("lead", construction), TrainConfig(), 8, False) is not None
         assert ("built like the training pairs" in caplog.text) == warned
 
 
@@ -300,7 +300,10 @@ def test_documents_budget_gives_way_to_a_small_file_an_explicit_max_steps_and_re
     catalog = plan_run(Config(), ["title", "description", "text"]).with_budget(5000, TrainConfig())
     assert (catalog.objective, catalog.select_best, catalog.holdout_fraction, catalog.max_steps) == (
         "mnrl", True, 0.05, 0)  # pairs: one epoch, selected on 5% of the items held out
-    assert catalog.eval_steps == 40  # 157 steps of 32 pairs: four evaluations, at 40, 80, 120 and the end
+    assert catalog.eval_steps == 157  # pairs: evaluated at the epoch's end (157 steps of 32 pairs) only
+    two_epochs = Config(train=TrainConfig(epochs=2))
+    assert plan_run(two_epochs, ["title", "description"]).with_budget(5000, two_epochs.train).eval_steps == 157
+    assert budget.eval_steps == 3  # other objectives: four evaluations spread over the run (10 steps)
     assert (catalog.learning_rate, budget.learning_rate) == (2e-4, 1e-4)  # auto: as measured for each
     every_10 = Config(train=TrainConfig(eval_steps=10))
     assert plan_run(every_10, ["title", "description"]).with_budget(5000, every_10.train).eval_steps == 10

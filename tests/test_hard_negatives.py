@@ -53,7 +53,7 @@ def test_the_cached_loss_equals_the_plain_loss_and_its_gradients(tiny_xlmr):
     from src.model_builder import build_model
 
     model = build_model(ModelConfig(model_name_or_path=str(tiny_xlmr), precision="none", max_seq_length=32),
-                        gradient_checkpointing=False)
+                        checkpoint_every=0)
     model.eval()  # no dropout: both losses see the same forward passes
     features = [model.tokenize([q for q, _ in PAIRS[:12]]), model.tokenize([d for _, d in PAIRS[:12]])]
     results = []

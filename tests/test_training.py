@@ -59,6 +59,24 @@ def test_chunked_corpus_vocab_loss_is_the_full_softmax_restricted(tiny_bert):
     assert full(features) > a(features)
 
 
+def test_checkpointing_every_other_layer_recomputes_half_and_leaves_the_gradients_unchanged(tiny_xlmr):
+    """--checkpoint_every 2 recomputes layers 0, 2, ... only; recomputation changes no gradient."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    texts = read_texts(RU_TRAIN, 4)
+    grads = {}
+    for every in (0, 1, 2):
+        torch.manual_seed(0)  # the same LoRA initialisation each time
+        model = build_model(ModelConfig(model_name_or_path=str(tiny_xlmr), precision="none"), checkpoint_every=every)
+        layers = [m for m in model[0].auto_model.modules() if isinstance(m, GradientCheckpointingLayer)]
+        assert [m.gradient_checkpointing for m in layers] == [every > 0 and i % every == 0 for i in range(len(layers))]
+        model.train()
+        torch.manual_seed(1)  # the same dropout masks (reentrant checkpointing replays the RNG state)
+        model(batch(model, texts)[1])["sentence_embedding"].pow(2).sum().backward()
+        grads[every] = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+    assert all(torch.allclose(a, b, atol=1e-6) for every in (1, 2) for a, b in zip(grads[0], grads[every]))
+
+
 def test_speed_settings_reach_the_modules(tiny_bert):
     """The kit's speed defaults: no attention dropout (fused SDPA kernel), no LoRA dropout op; other values reach
     the modules; hidden dropout is never touched."""
@@ -243,3 +261,19 @@ def test_log_counts_only_what_the_objective_trains_on():
     assert training_counts("lead", 340, 0, 84, 0) == "340 training texts; development: 84 held-out texts"
     assert training_counts("tsdae+mnrl", 150, 150, 39, 39) == ("150 training texts and 150 training pairs; "
                                                                "development: 39 held-out pairs")
+
+
+def test_selection_evaluator_encodes_in_bf16_and_returns_fp32(tiny_bert):
+    """Model selection's evaluations encode under bf16 autocast when training does, and score fp32 embeddings
+    equal to the fp32 ones within bf16 precision."""
+    from sentence_transformers import SentenceTransformer
+
+    from src.selection import SelectionEvaluator
+
+    model = SentenceTransformer(str(tiny_bert), device="cpu")
+    texts = read_texts(RU_TRAIN, 8)
+    corpus, queries = {str(i): t for i, t in enumerate(texts)}, {"q": texts[0][:40]}
+    fp32, bf16 = (SelectionEvaluator(queries, corpus, {"q": {"0"}}, bf16=on).embed_inputs(model, texts)
+                  for on in (False, True))
+    assert fp32.dtype == bf16.dtype == torch.float32 and not torch.equal(fp32, bf16)
+    assert torch.allclose(fp32, bf16, atol=0.05, rtol=0.05)
