@@ -147,7 +147,8 @@ class TrainConfig(Settings):
                                    "queries? '' = off.", default="")
     lora_scales: str = help_field("After selection, also try the adapter at these fractions of its strength "
                                   "(comma-separated, between 0 = the base and 1 = as trained) on the development "
-                                  "pairs, and keep the best; '' = off.", default="0.5")
+                                  "pairs, and keep the best; '' = off; auto: 0.5, none for mnrl alone.",
+                                  default="auto")
     hard_negatives: int = help_field("mnrl: hard negatives per training pair, mined by the base model among the "
                                      "training documents before training, near-duplicates of the pair's own document "
                                      "filtered out (src/hard_negatives.py). 0 = in-batch negatives only.", default=0)
@@ -197,7 +198,7 @@ class TrainConfig(Settings):
 
     def lora_scale_values(self) -> list[float]:
         try:
-            return [float(s) for s in comma_list(self.lora_scales)]
+            return [] if self.lora_scales == "auto" else [float(s) for s in comma_list(self.lora_scales)]
         except ValueError:
             raise UsageError(f"option --lora_scales: '{self.lora_scales}' is not a comma-separated list of numbers")
 

@@ -304,6 +304,10 @@ def test_documents_budget_gives_way_to_a_small_file_an_explicit_max_steps_and_re
     two_epochs = Config(train=TrainConfig(epochs=2))
     assert plan_run(two_epochs, ["title", "description"]).with_budget(5000, two_epochs.train).eval_steps == 157
     assert budget.eval_steps == 3  # other objectives: four evaluations spread over the run (10 steps)
+    assert catalog.lora_scales == () and plan_run(Config(train=TrainConfig(objective="lead")),
+                                                  ["text"]).lora_scales == (0.5,)  # auto: none for pairs
+    halves = Config(train=TrainConfig(lora_scales="0.25,0.5"))
+    assert plan_run(halves, ["title", "description"]).lora_scales == (0.25, 0.5)
     assert (catalog.learning_rate, budget.learning_rate) == (2e-4, 1e-4)  # auto: as measured for each
     every_10 = Config(train=TrainConfig(eval_steps=10))
     assert plan_run(every_10, ["title", "description"]).with_budget(5000, every_10.train).eval_steps == 10
