@@ -145,10 +145,10 @@ def run_training(trainer: KitTrainer, checkpoint: str | None, batch_size: int):
     try:
         result = trainer.train(resume_from_checkpoint=checkpoint)
     except torch.OutOfMemoryError as exc:
-        raise KitError(f"out of memory at batch size {batch_size}: continue with --resume and a smaller "
-                       f"--batch_size times a larger --gradient_accumulation_steps (the same effective batch) or "
-                       f"--gradient_checkpointing; or start again with --overwrite and --precision nf4 or a shorter "
-                       f"--max_seq_length") from exc
+        raise KitError(f"out of memory at batch size {batch_size}: continue with --resume and --checkpoint_every 1 "
+                       f"(with --gradient_checkpointing), or a smaller --batch_size times a larger "
+                       f"--gradient_accumulation_steps (the same effective batch); or start again with --overwrite "
+                       f"and --precision nf4 or a shorter --max_seq_length") from exc
     finally:
         stop.uninstall()
     if stop.received:

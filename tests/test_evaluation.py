@@ -8,7 +8,7 @@ from conftest import ROOT, RU_TRAIN
 
 from src.config import EvalConfig
 from src.errors import KitError
-from src.evaluation import evaluate_model, load_model, markdown_report
+from src.evaluation import approximate_recall, evaluate_model, load_model, markdown_report, search
 from src.metrics import METRICS, compare, format_p, query_metrics, score_rankings, verdict
 from src.retrieval_data import RetrievalData, load_beir, load_pairs, load_retrieval_data
 
@@ -255,3 +255,14 @@ def test_several_gpus_encode_with_one_process_each_and_one_device_encodes_alone(
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     encode(Model(), ["a"], None, 8)
     assert seen["device"] is None  # the model's own device
+
+
+def test_approximate_recall_scores_the_ranking_already_searched_against_exact_search():
+    rng = np.random.default_rng(0)
+    docs = rng.standard_normal((500, 16)).astype("float32")
+    queries = rng.standard_normal((20, 16)).astype("float32")
+    exact = search(docs, queries, "flat")
+    assert approximate_recall(exact, docs, queries) == 1.0
+    half = exact.copy()
+    half[:, 5:10] = exact[:, 40:45]  # five of every exact top 10 replaced by documents ranked 41-45
+    assert approximate_recall(half, docs, queries) == pytest.approx(0.5)

@@ -119,7 +119,7 @@ def test_out_of_memory_gives_advice(tmp_path, tiny_bert, monkeypatch):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     monkeypatch.setattr(trainer_module.KitTrainer, "train", oom)
-    with pytest.raises(KitError, match="out of memory at batch size 4: continue with --resume and a "
-                                       "smaller --batch_size.*--gradient_checkpointing.*--precision nf4"):
+    with pytest.raises(KitError, match="out of memory at batch size 4: continue with --resume and --checkpoint_every "
+                                       "1.*smaller --batch_size.*--precision nf4"):
         trainer_module.train(run_config(tmp_path, tiny_bert, "oom", max_steps=6))
     assert not (tmp_path / "oom").exists()
