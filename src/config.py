@@ -72,9 +72,10 @@ class NoiseConfig(Settings):
 class ModelConfig(Settings):
     model_name_or_path: str = help_field("Encoder: hub name or local folder (sentence-transformers or plain HF "
                                          "BERT/XLM-R).", default=DEFAULT_MODEL)
-    precision: Literal["nf4", "none", "full"] = help_field(
-        "nf4: QLoRA (4-bit NF4 base + LoRA); none: LoRA on a full-precision base; full: full fine-tuning.",
-        default="nf4")
+    precision: Literal["auto", "nf4", "none", "full"] = help_field(
+        "nf4: QLoRA (4-bit NF4 base + LoRA); none: LoRA on a full-precision base; full: full fine-tuning; auto: nf4 "
+        "where 4-bit saves memory (100M+ weights in the encoder layers: BERT/XLM-R large), else none.",
+        default="auto")
     lora_r: int = help_field("LoRA rank.", default=16)
     lora_alpha: int = help_field("LoRA alpha (scale = alpha / r).", default=32)
     lora_dropout: float = help_field("LoRA dropout. At 0 peft skips the op, a faster step (random masks over every "

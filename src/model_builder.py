@@ -3,7 +3,7 @@
 - A sentence-transformers folder keeps its own modules (pooling, normalization) and prompts.
 - A plain Hugging Face BERT / XLM-R folder gets mean pooling + L2 normalization, as e5 uses.
 - precision `nf4`: 4-bit NF4 base weights with double quantization (bitsandbytes; CUDA and CPU) + LoRA;
-  `none`: LoRA on a full-precision base; `full`: every weight trains.
+  `none`: LoRA on a full-precision base; `full`: every weight trains; `auto`: nf4 where 4-bit pays (QUANTIZE_FROM).
 
     python -m src.model_builder --model_name_or_path intfloat/multilingual-e5-small --precision nf4
 prints the modules, the trainable and frozen parameter counts, and the memory the weights take.
@@ -72,6 +72,42 @@ def _model_type(path: Path) -> str:
         raise KitError(f"model {path}: model_type '{model_type}' is not a supported encoder "
                        f"({', '.join(SUPPORTED_TYPES)})")
     return model_type
+
+
+# --precision auto. 4-bit keeps the encoder layers' projection weights in an eighth of their fp32 bytes, and
+# bitsandbytes dequantizes them at every matmul: a slower step. That pays from QUANTIZE_FROM such weights (BERT or
+# XLM-R large: 302M, a gigabyte saved). e5-small has 21M (its 96M embedding weights are never quantized): on a
+# catalog step 4-bit took more memory, not less, and more time (docs/RESULTS.md, "Training memory and speed").
+QUANTIZE_FROM = 100_000_000
+
+
+def projection_weights(path: Path) -> int:
+    """Weights of the encoder layers' linear projections, from config.json (BERT/XLM-R: query, key, value and
+    attention output, and the two feed-forward matrices)."""
+    config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    hidden, inner = config["hidden_size"], config["intermediate_size"]
+    return config["num_hidden_layers"] * (4 * hidden * hidden + 2 * hidden * inner)
+
+
+def resolve_precision(cfg: ModelConfig) -> str:
+    """--precision as the run trains: `auto` -> nf4 from QUANTIZE_FROM projection weights, else none."""
+    if cfg.precision != "auto":
+        return cfg.precision
+    path = resolve_model(cfg.model_name_or_path)
+    _model_type(path)
+    weights = projection_weights(path)
+    precision = "nf4" if weights >= QUANTIZE_FROM else "none"
+    logger.info("precision auto -> %s: %.0fM projection weights in the encoder layers (4-bit from %.0fM)", precision,
+                weights / 1e6, QUANTIZE_FROM / 1e6)
+    return precision
+
+
+def trained_precision(model: SentenceTransformer) -> str:
+    """What a built model trains as: nf4 (4-bit base + LoRA), none (LoRA) or full."""
+    hf_model = model[0].auto_model
+    if getattr(hf_model, "is_loaded_in_4bit", False):
+        return "nf4"
+    return "none" if any("lora_" in n for n, _ in hf_model.named_parameters()) else "full"
 
 
 def quantization_config(device: str):
@@ -168,11 +204,12 @@ def build_model(cfg: ModelConfig, device: str = "cpu", checkpoint_every: int = 0
     `checkpoint_every`-th encoder layer recomputed in backward (0: gradient checkpointing off)."""
     from peft import LoraConfig, prepare_model_for_kbit_training
 
-    model = load_sentence_transformer(cfg, device, quantize=cfg.precision == "nf4")
+    precision = resolve_precision(cfg)
+    model = load_sentence_transformer(cfg, device, quantize=precision == "nf4")
     model.max_seq_length = cfg.max_seq_length  # training length; saved models get their own back (trainer)
     hf_model = model[0].auto_model
     set_attention_dropout(hf_model, cfg.attention_dropout)
-    if cfg.precision == "nf4":
+    if precision == "nf4":
         prepare_model_for_kbit_training(hf_model, use_gradient_checkpointing=checkpoint_every > 0,
                                         gradient_checkpointing_kwargs=checkpointing_kwargs())
         keep_trainable_4bit_layout(hf_model)
@@ -180,7 +217,7 @@ def build_model(cfg: ModelConfig, device: str = "cpu", checkpoint_every: int = 0
         hf_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing_kwargs())
     if checkpoint_every:
         checkpoint_layers(hf_model, checkpoint_every)
-    if cfg.precision == "full":
+    if precision == "full":
         return model
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                       target_modules=lora_targets(hf_model, cfg.lora_target_modules), bias="none")

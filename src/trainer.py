@@ -47,7 +47,7 @@ from src.config import Config, TrainConfig
 from src.create_dataset import TrainingData, load_training_data
 from src.errors import KitError, run_cli
 from src.evaluation import evaluate_run
-from src.model_builder import bf16_enabled, build_model, pick_device, world_rank, world_size
+from src.model_builder import bf16_enabled, build_model, pick_device, trained_precision, world_rank, world_size
 from src.objectives import build_objective, needs_pairs, needs_texts, uses_in_batch_negatives
 from src.plan import RunPlan, describe, plan_run
 from src.plots import plot_loss
@@ -184,6 +184,7 @@ def run_record(cfg: Config, plan: RunPlan, data: TrainingData, trainer: KitTrain
             "train_seconds": round(result.metrics.get("train_runtime", 0.0), 1),
             "train_samples_per_second": result.metrics.get("train_samples_per_second"),
             "final_train_loss": result.metrics.get("train_loss"), "device": device, "bf16": trainer.args.bf16,
+            "precision": trained_precision(trainer.model),
             **selection}
 
 

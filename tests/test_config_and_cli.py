@@ -19,7 +19,7 @@ from src.run_folder import prepare_run_folder, save_settings
 
 def test_defaults_file_and_cli_precedence(tmp_path):
     cfg = parse_config([])
-    assert cfg.model.precision == "nf4" and cfg.noise.deletion_ratio == 0.6
+    assert cfg.model.precision == "auto" and cfg.noise.deletion_ratio == 0.6
     grouped = tmp_path / "c.yaml"
     grouped.write_text("train:\n  learning_rate: 0.001\n  max_steps: 5\nprecision: none\n")
     cfg = parse_config(["--config", str(grouped), "--max_steps", "7"])

@@ -1,13 +1,21 @@
 """QLoRA model building, the shared-layer TSDAE decoder, and end-to-end training runs on CPU."""
 
 import json
+import shutil
 
 import pytest
 import torch
 from conftest import RU_TRAIN, read_texts, run_config
 
 from src.config import ModelConfig
-from src.model_builder import bf16_enabled, build_model
+from src.model_builder import (
+    QUANTIZE_FROM,
+    bf16_enabled,
+    build_model,
+    projection_weights,
+    resolve_precision,
+    trained_precision,
+)
 from src.tsdae import TSDAELoss, corpus_vocabulary
 
 
@@ -277,3 +285,19 @@ def test_selection_evaluator_encodes_in_bf16_and_returns_fp32(tiny_bert):
                   for on in (False, True))
     assert fp32.dtype == bf16.dtype == torch.float32 and not torch.equal(fp32, bf16)
     assert torch.allclose(fp32, bf16, atol=0.05, rtol=0.05)
+
+
+def test_precision_auto_quantizes_only_encoders_whose_projections_are_large(tiny_bert, tmp_path):
+    """auto: none for a small encoder (4-bit would save nothing), nf4 once the layers' projections reach
+    QUANTIZE_FROM weights; explicit choices are kept."""
+    assert projection_weights(tiny_bert) == 2 * (4 * 32 * 32 + 2 * 32 * 64)
+    assert trained_precision(build_model(ModelConfig(model_name_or_path=str(tiny_bert)))) == "none"
+    assert trained_precision(build_model(ModelConfig(model_name_or_path=str(tiny_bert), precision="nf4"))) == "nf4"
+    assert trained_precision(build_model(ModelConfig(model_name_or_path=str(tiny_bert), precision="full"))) == "full"
+    large = tmp_path / "large"
+    shutil.copytree(tiny_bert, large)
+    config = json.loads((large / "config.json").read_text())
+    (large / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 24, "hidden_size": 1024,
+                                                   "intermediate_size": 4096}))
+    assert projection_weights(large) >= QUANTIZE_FROM
+    assert resolve_precision(ModelConfig(model_name_or_path=str(large))) == "nf4"
