@@ -1,7 +1,7 @@
 """The kit against its peer: plain sentence-transformers fine-tuning of the same base model, on the same training
 file, with the same prompts and the same evaluation, in one table with the paired difference kit - peer.
 
-    python -m scripts.benchmark_peer                                   # ru and en: base, peer, peer-lora, kit
+    python -m scripts.benchmark_peer                                   # ru and en: base, peer, qlora, kit
     python -m scripts.benchmark_peer --catalogs ru --systems base,peer,kit --threads 1
     python -m scripts.benchmark_peer --systems kit --kit_args "--lora_r 32" --tag r32   # one lever, its own row
 
@@ -11,9 +11,10 @@ Rows (systems), per catalog (data/<catalog>_catalog/train.jsonl: title -> descri
                 as a (title, description) pair, e5 prompts (`query: ` on the title, `passage: ` on the
                 description), MultipleNegativesRankingLoss (scale 20), learning rate 5e-5, 1 epoch, batch 32,
                 max_seq_length 128, BatchSamplers.NO_DUPLICATES, warmup_ratio 0.1 (linear decay), seed 42
-    peer-lora   the kit's command with `--precision none`: LoRA on a full-precision base, the kit's recipe
-    kit         the kit's default command: QLoRA (4-bit NF4 base + LoRA) with its model selection
-`--kit_args` are added to the kit's command in the peer-lora and kit rows; `--tag NAME` names those rows (and
+    qlora       the kit's command with `--precision nf4`: 4-bit NF4 base + LoRA whatever the encoder's size
+    kit         the kit's default command (`--precision auto`: for e5-small LoRA on the full-precision base, where
+                4-bit saves nothing), with its model selection
+`--kit_args` are added to the kit's command in the qlora and kit rows; `--tag NAME` names those rows (and
 their folders) `<system>-NAME`, so a lever is measured beside the default rows.
 
 Each training runs in its own subprocess, so its peak memory (ru_maxrss after saving the model: everything the
@@ -45,8 +46,8 @@ from src.metrics import MAIN_METRIC, compare, format_p
 from src.settings import comma_list
 
 BASE_MODEL = "intfloat/multilingual-e5-small"
-SYSTEMS = ("base", "peer", "peer-lora", "kit")
-KIT_OPTIONS = {"peer-lora": ["--precision", "none"], "kit": []}  # the rows that run the kit's own command
+SYSTEMS = ("base", "peer", "qlora", "kit")
+KIT_OPTIONS = {"qlora": ["--precision", "nf4"], "kit": []}  # the rows that run the kit's own command
 PEER = {"learning_rate": 5e-5, "epochs": 1, "batch_size": 32, "max_seq_length": 128, "warmup_ratio": 0.1,
         "seed": 42}
 PEER_COMMAND = ("sentence-transformers full fine-tuning: MNRL, lr 5e-5, 1 epoch, batch 32, length 128, "
@@ -261,9 +262,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma-separated, of: {', '.join(SYSTEMS)}")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads per job (0 = torch's default)")
     parser.add_argument("--output_dir", default="runs/benchmark_peer")
-    parser.add_argument("--kit_args", default="", help="extra options for the kit's command (peer-lora, kit rows), "
+    parser.add_argument("--kit_args", default="", help="extra options for the kit's command (qlora, kit rows), "
                         "e.g. --kit_args '--lora_r 32' (one word alone needs '=': --kit_args=--OPTION)")
-    parser.add_argument("--tag", default="", help="names the peer-lora and kit rows <system>-TAG (needed with "
+    parser.add_argument("--tag", default="", help="names the qlora and kit rows <system>-TAG (needed with "
                         "--kit_args, so that a lever's rows do not take the default rows' places)")
     parser.add_argument("--one", choices=["peer"], help=argparse.SUPPRESS)  # the peer's own training process
     args = parser.parse_args(argv)
