@@ -125,8 +125,8 @@ class TrainConfig(Settings):
                                                           "(all targets lie there; faster) or all.", default="corpus")
     decoder_warmup_steps: int = help_field("TSDAE: optimizer steps during which only the decoder's new weights learn "
                                            "(the encoder's adapters wait).", default=0)
-    mnrl_scale: float = help_field("mnrl/simcse: similarity scale (inverse temperature) of the in-batch softmax.",
-                                   default=20.0)
+    mnrl_scale: float = help_field("mnrl/simcse: similarity scale (inverse temperature) of the in-batch softmax; "
+                                   "0 = auto: 50 for mnrl alone, 20 for every other objective.", default=0.0)
     loss_chunk_tokens: int = help_field("Reconstruction loss over this many target tokens at a time, logits "
                                         "recomputed in backward: batch x length x vocab is never held.", default=512)
     device: Literal["auto", "cpu", "cuda"] = help_field("Where to train.", default="auto")
@@ -182,7 +182,7 @@ class TrainConfig(Settings):
         check_minimum(self, 16, "loss_chunk_tokens")
         check_option(self.epochs > 0, "epochs", "must be > 0")
         check_option(0.0 <= self.warmup_ratio < 1.0, "warmup_ratio", "must be in [0, 1)")
-        check_option(self.mnrl_scale > 0, "mnrl_scale", "must be > 0")
+        check_option(self.mnrl_scale >= 0, "mnrl_scale", "must be >= 0 (0 = auto)")
         parts = self.objective.split("+")
         known = all(p in OBJECTIVE_PARTS for p in parts) and len(set(parts)) == len(parts)
         check_option(self.objective == "auto" or known, "objective",

@@ -31,6 +31,10 @@ DOCUMENTS_PAIRS = 320
 # `--learning_rate 0`: LoRA on (query, document) pairs learned more at 2e-4 than at 1e-4 (docs/RESULTS.md, the
 # catalogs); every other objective was measured at 1e-4.
 PAIRS_LEARNING_RATE, OTHER_LEARNING_RATE = 2e-4, 1e-4
+# `--mnrl_scale 0`: the in-batch softmax's similarity scale. e5 was trained at temperature 0.01 (scale 100); on the
+# Russian catalog, LoRA on pairs at scale 50 beat sentence-transformers' default 20 (docs/RESULTS.md). Every other
+# objective was measured at 20.
+PAIRS_SCALE, OTHER_SCALE = 50.0, 20.0
 # `--eval_steps 0`: development evaluations per run, besides step 0. Each costs a pass over the development queries
 # and their distractors (on the catalog about as long as five training steps). Pairs (mnrl alone) are evaluated at
 # each epoch's end only: on both catalogs, in every run, the last state of the epoch was the best or within noise
@@ -55,6 +59,7 @@ class RunPlan:
         holdout_fraction: share of the file's rows held out for model selection (0 without selection).
         max_steps: optimizer steps (0: --epochs decides).
         learning_rate: the peak learning rate.
+        mnrl_scale: the in-batch softmax's similarity scale (mnrl, simcse).
         eval_steps: steps between development evaluations (0 until `with_budget` resolves it).
     """
 
@@ -66,6 +71,7 @@ class RunPlan:
     holdout_fraction: float
     max_steps: int
     learning_rate: float
+    mnrl_scale: float
     eval_steps: int = 0
 
     def to_dict(self) -> dict:
@@ -140,11 +146,12 @@ def plan_run(cfg: Config, columns: list[str], world: int = 1) -> RunPlan:
                          f"--objective {DOCUMENTS_DEFAULT} to select on development pairs and monitor them")
     select = t.select_best and not recipe
     learning_rate = t.learning_rate or (PAIRS_LEARNING_RATE if objective == "mnrl" else OTHER_LEARNING_RATE)
+    scale = t.mnrl_scale or (PAIRS_SCALE if objective == "mnrl" else OTHER_SCALE)
     scales = t.lora_scale_values() if t.lora_scales != "auto" else (
         PAIRS_LORA_SCALES if objective == "mnrl" else AUTO_LORA_SCALES)
     return RunPlan(objective, recipe, select, tuple(scales) if select else (),
                    dev_construction(t.dev_construction, objective), cfg.data.validation_fraction if select else 0.0,
-                   t.max_steps, learning_rate)
+                   t.max_steps, learning_rate, scale)
 
 
 def describe(plan: RunPlan, train: TrainConfig, world: int = 1) -> str:

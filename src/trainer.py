@@ -16,6 +16,7 @@ run) and renamed to `<output_dir>/` only when everything is written:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -111,7 +112,8 @@ def build_trainer(cfg: Config, plan: RunPlan, model, data: TrainingData, folder:
     """The objective's datasets and loss, model selection (with the monitor) and the kit's callbacks, in one
     trainer."""
     t = cfg.train
-    objective = build_objective(plan.objective, t, cfg.noise, model, data)
+    objective = build_objective(plan.objective, dataclasses.replace(t, mnrl_scale=plan.mnrl_scale), cfg.noise, model,
+                                data)
     if objective.decoder is not None:
         # Registered under the Transformer module, so data-parallel wrappers see (and all-reduce) its weights
         # and the checkpoints include them.
