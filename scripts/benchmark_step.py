@@ -54,7 +54,8 @@ def measure_one(precision: str, every: int, steps: int) -> dict:
     for features in pair_batches(model, steps):
         start = time.perf_counter()
         with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16_enabled(device)):
-            value = loss([{k: v.to(device) for k, v in f.items()} for f in features], None)
+            value = loss([{k: v.to(device) if torch.is_tensor(v) else v for k, v in f.items()} for f in features],
+                         None)
         value.backward()
         optimizer.step()
         optimizer.zero_grad()
@@ -70,7 +71,7 @@ def measure_in_child(precision: str, every: int, steps: int, threads: int) -> di
                "--threads", str(threads)]
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
-        return {"precision": precision, "checkpoint_every": every, "error": result.stderr.strip()[-300:]}
+        return {"precision": precision, "checkpoint_every": every, "error": result.stderr.strip().splitlines()[-1]}
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 

@@ -77,7 +77,8 @@ def _model_type(path: Path) -> str:
 # --precision auto. 4-bit keeps the encoder layers' projection weights in an eighth of their fp32 bytes, and
 # bitsandbytes dequantizes them at every matmul: a slower step. That pays from QUANTIZE_FROM such weights (BERT or
 # XLM-R large: 302M, a gigabyte saved). e5-small has 21M (its 96M embedding weights are never quantized): on a
-# catalog step 4-bit took more memory, not less, and more time (docs/RESULTS.md, "Training memory and speed").
+# catalog step 4-bit took more memory, not less, and the 4-bit round trip lowered the base model's development
+# score (docs/RESULTS.md, "Catalog with titles").
 QUANTIZE_FROM = 100_000_000
 
 
@@ -190,9 +191,9 @@ def checkpointing_kwargs() -> dict:
 
 def checkpoint_layers(hf_model: torch.nn.Module, every: int) -> int:
     """Recompute only every `every`-th encoder layer in backward (transformers turns all of them on); the others
-    keep their activations. On an e5-small catalog step every other layer took most of the speed of no
-    checkpointing for under half of its extra memory (docs/RESULTS.md, "Training memory and speed"). Returns the
-    layers kept recomputed."""
+    keep their activations. On an e5-small catalog step every other layer gave much of the speed of no
+    checkpointing for under half of its extra memory (docs/RESULTS.md, "one catalog step"). Returns the layers
+    kept recomputed."""
     layers = [m for m in hf_model.modules() if isinstance(m, GradientCheckpointingLayer)]
     for i, layer in enumerate(layers):
         layer.gradient_checkpointing = layer.gradient_checkpointing and i % every == 0
