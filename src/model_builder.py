@@ -189,15 +189,13 @@ def checkpointing_kwargs() -> dict:
     return {"use_reentrant": world_size() == 1}
 
 
-def checkpoint_layers(hf_model: torch.nn.Module, every: int) -> int:
+def checkpoint_layers(hf_model: torch.nn.Module, every: int) -> None:
     """Recompute only every `every`-th encoder layer in backward (transformers turns all of them on); the others
     keep their activations. On an e5-small catalog step every other layer gave much of the speed of no
-    checkpointing for under half of its extra memory (docs/RESULTS.md, "one catalog step"). Returns the layers
-    kept recomputed."""
+    checkpointing for under half of its extra memory (docs/RESULTS.md, "one catalog step")."""
     layers = [m for m in hf_model.modules() if isinstance(m, GradientCheckpointingLayer)]
     for i, layer in enumerate(layers):
         layer.gradient_checkpointing = layer.gradient_checkpointing and i % every == 0
-    return sum(layer.gradient_checkpointing for layer in layers)
 
 
 def build_model(cfg: ModelConfig, device: str = "cpu", checkpoint_every: int = 0) -> SentenceTransformer:

@@ -38,8 +38,8 @@ PAIRS_SCALE, OTHER_SCALE = 50.0, 20.0
 # `--eval_steps 0`: development evaluations per run, besides step 0. Each costs a pass over the development queries
 # and their distractors (on the catalog about as long as five training steps). Pairs (mnrl alone) are evaluated at
 # each epoch's end only: on both catalogs, in every run, the last state of the epoch was the best or within noise
-# of it (docs/RESULTS.md), so evaluations within it bought nothing but time; the adapter-scale search still looks
-# part of the way back. Other objectives overtrain within an epoch: DEV_EVALUATIONS spread over the run.
+# of it (docs/RESULTS.md), so evaluations within it bought nothing but time. Other objectives overtrain within an
+# epoch: DEV_EVALUATIONS spread over the run.
 DEV_EVALUATIONS = 4
 # `--lora_scales auto`: the adapter strengths tried after selection. On pairs, half strength never did better on
 # the catalogs' test queries, even where it won on the development pairs (docs/RESULTS.md): pairs try none.
