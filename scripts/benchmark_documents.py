@@ -42,6 +42,7 @@ NO_GUARD = ["--select_best", "false", "--lora_scales", ""]
 EVERY_10 = ["--eval_steps", "10"]  # the recipes with model selection were measured evaluating every 10 steps
 RECIPES = {
     "auto": [],  # the default command: on documents alone, 320 lead pairs (10 steps), no model selection
+    "auto-s50": ["--mnrl_scale", "50"],  # the default at the pairs' similarity scale
     "lead": ["--objective", "lead", *EVERY_10],  # one epoch, selected on crop pairs (the default before)
     "ict": ["--objective", "ict", *EVERY_10],
     "crop": ["--objective", "crop", *EVERY_10],
