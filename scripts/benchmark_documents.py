@@ -43,6 +43,8 @@ EVERY_10 = ["--eval_steps", "10"]  # the recipes with model selection were measu
 RECIPES = {
     "auto": [],  # the default command: on documents alone, 320 lead pairs (10 steps), no model selection
     "auto-s50": ["--mnrl_scale", "50"],  # the default at the pairs' similarity scale
+    "auto-rt10": ["--round_trip_top_k", "10"],  # the default on documents whose lead finds them (src/round_trip.py)
+    "auto-rt10-20": ["--round_trip_top_k", "10", "--max_steps", "20"],  # ... on twice the pairs
     "lead": ["--objective", "lead", *EVERY_10],  # one epoch, selected on crop pairs (the default before)
     "ict": ["--objective", "ict", *EVERY_10],
     "crop": ["--objective", "crop", *EVERY_10],

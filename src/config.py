@@ -157,6 +157,9 @@ class TrainConfig(Settings):
                                         "own score (sentence-transformers relative_margin): likely an unlabelled "
                                         "positive.", default=0.05)
     negative_skip: int = help_field("Mining: skip the base model's top N candidates (range_min).", default=0)
+    round_trip_top_k: int = help_field("Pairs from documents (lead, ict, crop): train only on documents whose pair's "
+                                       "query finds its own document in the base model's top K among 2,048 sampled "
+                                       "ones (src/round_trip.py). 0 = off.", default=0)
     mini_batch_size: int = help_field("Contrastive parts: compute the loss over each batch in mini-batches of this "
                                       "many (CachedMultipleNegativesRankingLoss, GradCache): a large --batch_size at "
                                       "the activation memory of a small one. 0 = the plain loss.", default=0)
@@ -175,7 +178,8 @@ class TrainConfig(Settings):
         check_minimum(self, 1, "batch_size", "gradient_accumulation_steps", "logging_steps", "save_steps",
                       "checkpoint_every")
         check_minimum(self, 0, "max_steps", "eval_steps", "weight_decay", "dev_distractors", "decoder_warmup_steps",
-                      "threads", "anchor_weight", "hard_negatives", "negative_skip", "mini_batch_size")
+                      "threads", "anchor_weight", "hard_negatives", "negative_skip", "mini_batch_size",
+                      "round_trip_top_k")
         check_option(0.0 <= self.negative_margin < 1.0, "negative_margin", "must be in [0, 1)")
         check_option(not (self.mini_batch_size and self.anchor_weight), "mini_batch_size",
                      "cannot be combined with --anchor_weight (the anchor needs the whole batch's embeddings at once)")

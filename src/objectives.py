@@ -35,6 +35,7 @@ from src.create_dataset import TrainingData, pairs_dataset
 from src.document_pairs import DocumentPairs, document_pairs_dataset
 from src.hard_negatives import with_hard_negatives
 from src.noise import WordNoise, noisy_dataset
+from src.round_trip import round_trip_filter
 from src.tsdae import TSDAELoss, corpus_vocabulary
 
 logger = logging.getLogger(__name__)
@@ -148,7 +149,9 @@ def document_part(kind: str) -> Callable:
         pairs = DocumentPairs(kind, train.seed_for("train"))
         dev_pairs = DocumentPairs(kind, train.seed_for("development"))
         dev = document_pairs_dataset(data.dev_texts, dev_pairs) if data.dev_texts else None
-        return Objective(document_pairs_dataset(data.texts, pairs), dev, contrastive_loss(train, model),
+        texts = (round_trip_filter(model, data.texts, pairs, train.round_trip_top_k, prompts, train.seed_for("train"))
+                 if train.round_trip_top_k else data.texts)
+        return Objective(document_pairs_dataset(texts, pairs), dev, contrastive_loss(train, model),
                          query_passage_prompts(prompts), epoch_aware=[pairs])
 
     return build

@@ -15,6 +15,7 @@ from src.create_dataset import load_training_data
 from src.document_pairs import DocumentPairs, document_pairs_dataset
 from src.errors import UsageError
 from src.plan import DOCUMENTS_DEFAULT, dev_construction, resolve_objective
+from src.round_trip import own_ranks, round_trip_filter
 from src.selection import development_pairs
 from src.text import normalized_key, tokenize
 
@@ -315,3 +316,43 @@ def test_documents_budget_gives_way_to_a_small_file_an_explicit_max_steps_and_re
     assert plan_run(every_10, ["title", "description"]).with_budget(5000, every_10.train).eval_steps == 10
     with pytest.raises(UsageError, match="option --monitor_data: .*--objective lead"):
         planned(monitor_data="titles.csv")
+
+
+class WordOverlapEncoder:
+    """A stand-in retriever: a text is the normalised bag of its words, so a query finds the documents that share
+    its words. What `round_trip_filter` needs of a SentenceTransformer: `encode`."""
+
+    def __init__(self, texts):
+        self.vocab = {w: i for i, w in enumerate(sorted({w for t in texts for w in t.lower().split()}))}
+
+    def encode(self, texts, prompt=None, **kwargs):
+        bags = torch.zeros(len(texts), len(self.vocab))
+        for row, text in enumerate(texts):
+            for word in text.lower().split():
+                bags[row, self.vocab[word]] = 1.0
+        return torch.nn.functional.normalize(bags, dim=1)
+
+
+def test_round_trip_keeps_documents_whose_lead_finds_them_and_drops_generic_leads(caplog):
+    docs = ["kernel driver sch5636\nthe sch5636 driver reads sensors", "Note\nplease read the manual first",
+            "bootconfig syntax\nbootconfig files hold key value syntax", "Note\nthe manual says more"]
+    encoder, lead = WordOverlapEncoder(docs), DocumentPairs("lead", 0)
+    # "Note" shares no word with any body: it ties with every document, which counts as not found
+    assert own_ranks(encoder, [lead(d, i) for i, d in enumerate(docs)], {}).tolist() == [0, 3, 0, 3]
+    with caplog.at_level(logging.INFO, logger="src.round_trip"):
+        assert round_trip_filter(encoder, docs, lead, 1, {}, seed=0) == [docs[0], docs[2]]
+    assert round_trip_filter(encoder, docs, lead, 4, {}, seed=0) == docs  # top 4 of 4: everything
+    assert "round-trip filter: 2 of 4 sampled documents" in caplog.text
+
+
+def test_the_lead_part_trains_only_the_documents_its_round_trip_keeps(tiny_xlmr):
+    from src.config import NoiseConfig
+    from src.create_dataset import TrainingData
+    from src.model_builder import build_model
+    from src.objectives import build_objective
+
+    model, data = build_model(ModelConfig(model_name_or_path=str(tiny_xlmr), precision="none")), TrainingData(DOCS, [])
+    sizes = [len(build_objective("lead", TrainConfig(round_trip_top_k=k, mnrl_scale=20), NoiseConfig(), model,
+                                 data).train_dataset)
+             for k in (0, 5, len(DOCS))]
+    assert sizes[0] == sizes[2] == len(DOCS) and 0 < sizes[1] < len(DOCS)
