@@ -74,7 +74,8 @@ def test_folder(collection: str) -> Path:
 def train(collection: str, recipe: str, folder: Path, monitor: bool) -> dict:
     """The kit's command for one recipe on one collection's documents; its run.json."""
     if not (folder / "run.json").exists():
-        watch = ["--monitor_data", str(test_folder(collection))] if monitor and "noguard" not in recipe else []
+        selects = "noguard" not in recipe and not recipe.startswith("auto")  # the monitor needs model selection
+        watch = ["--monitor_data", str(test_folder(collection))] if monitor and selects else []
         command = [sys.executable, "-m", "src.trainer", "--train_file", str(DEV / collection / "train.jsonl"),
                    "--eval_data", "", "--output_dir", str(folder), "--overwrite", *RECIPES[recipe], *watch]
         print(f"--- {collection} / {recipe}: {' '.join(command[1:])}", flush=True)

@@ -144,11 +144,11 @@ def plan_run(cfg: Config, columns: list[str], world: int = 1) -> RunPlan:
     if recipe and t.monitor_data:
         raise UsageError("option --monitor_data: the documents-alone default trains without model selection; pass "
                          f"--objective {DOCUMENTS_DEFAULT} to select on development pairs and monitor them")
-    select = t.select_best and not recipe
-    learning_rate = t.learning_rate or (PAIRS_LEARNING_RATE if objective == "mnrl" else OTHER_LEARNING_RATE)
-    scale = t.mnrl_scale or (PAIRS_SCALE if objective == "mnrl" else OTHER_SCALE)
+    select, pairs_alone = t.select_best and not recipe, objective == "mnrl"
+    learning_rate = t.learning_rate or (PAIRS_LEARNING_RATE if pairs_alone else OTHER_LEARNING_RATE)
+    scale = t.mnrl_scale or (PAIRS_SCALE if pairs_alone else OTHER_SCALE)
     scales = t.lora_scale_values() if t.lora_scales != "auto" else (
-        PAIRS_LORA_SCALES if objective == "mnrl" else AUTO_LORA_SCALES)
+        PAIRS_LORA_SCALES if pairs_alone else AUTO_LORA_SCALES)
     return RunPlan(objective, recipe, select, tuple(scales) if select else (),
                    dev_construction(t.dev_construction, objective), cfg.data.validation_fraction if select else 0.0,
                    t.max_steps, learning_rate, scale)
