@@ -219,6 +219,9 @@ class EvalConfig(Settings):
     eval_batch_size: int = help_field("Texts per encoding batch.", default=64)
     eval_max_seq_length: int = help_field("Encode every compared model with this many tokens at most (0 = each "
                                           "model's own limit, 512 for e5).", default=0)
+    eval_bf16: Literal["auto", "yes", "no"] = help_field(
+        "Encode under bf16 autocast (weights stay fp32). auto: where the hardware computes bf16 natively, as --bf16; "
+        "no: fp32 throughout. Every compared model is encoded alike.", default="auto")
     bootstrap_samples: int = help_field("Bootstrap resamples for confidence intervals.", default=1000)
     max_eval_queries: int = help_field("Evaluate at most this many queries (0 = all).", default=0)
     no_cache: bool = help_field("Compute every embedding afresh instead of reading the kit's cache of unchanged "

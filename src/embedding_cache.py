@@ -7,7 +7,7 @@ stored once in ``<$E5KIT_CACHE or ~/.cache/e5kit>/embeddings/`` and read back.
 
 What the key covers (anything that changes the embeddings): a content hash of the model folder's weight,
 configuration and tokenizer files (not its path, not modification times), every text in order, the prompt
-string actually prepended, max_seq_length, batch size, parameter precision, device type, and the
+string actually prepended, max_seq_length, batch size, parameter precision, bf16 autocast, device type, and the
 sentence-transformers and torch versions. An entry is ``<key>.npy`` (float32, one row per text) and
 ``<key>.json`` (the key's parts, the array's shape and a SHA-256 of its bytes), each written to a temporary file
 and renamed into place. An entry that cannot be read or does not match its key, shape or checksum is never
@@ -88,13 +88,14 @@ def prompt_text(model, prompt_name: str | None) -> str:
     return (model.prompts or {}).get(name) or ""
 
 
-def model_parts(model, folder: Path, batch_size: int) -> dict:
+def model_parts(model, folder: Path, batch_size: int, bf16: bool) -> dict:
     """The key parts that belong to the model as it is configured for this evaluation."""
     import sentence_transformers
     import torch
 
     return {"format": FORMAT, "weights": weights_fingerprint(folder), "max_seq_length": model.max_seq_length,
-            "precision": str(next(model.parameters()).dtype).removeprefix("torch."), "device": model.device.type,
+            "precision": str(next(model.parameters()).dtype).removeprefix("torch."), "bf16_autocast": bf16,
+            "device": model.device.type,
             "batch_size": batch_size, "normalized": True, "stored_as": "float32",
             "sentence_transformers": sentence_transformers.__version__, "torch": torch.__version__}
 
@@ -127,10 +128,10 @@ def read_entry(npy: Path, header_path: Path, key: str, parts: dict, n_texts: int
 class EmbeddingCache:
     """Cached embeddings of one model, loaded from `folder` and configured (max_seq_length) for an evaluation."""
 
-    def __init__(self, model, folder: Path, batch_size: int, root: Path | None = None):
+    def __init__(self, model, folder: Path, batch_size: int, bf16: bool, root: Path | None = None):
         self.model, self.folder = model, Path(folder).resolve()
         self.root = Path(root) if root is not None else cache_folder()
-        self.parts = model_parts(model, self.folder, batch_size)
+        self.parts = model_parts(model, self.folder, batch_size, bf16)
 
     def key(self, texts: list[str], prompt_name: str | None) -> tuple[str, dict]:
         parts = {**self.parts, "texts": texts_digest(texts), "n_texts": len(texts),

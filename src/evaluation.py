@@ -13,6 +13,7 @@ kit's cache (src/embedding_cache.py; --no_cache turns it off); metrics.json says
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -38,15 +39,26 @@ IVF_MIN_POINTS_PER_LIST = 39
 # Encoding and search
 
 
+def encoding_bf16(model, setting: str) -> bool:
+    """Whether to encode under bf16 autocast: as training decides (`setting` auto: where bf16 is native), and
+    never across several GPUs, whose worker processes this process's autocast does not reach."""
+    from src.model_builder import bf16_enabled
+
+    return bf16_enabled(model.device.type, setting) and encoding_devices() is None
+
+
 def encode(model, texts: list[str], prompt_name: str | None, batch_size: int,
-           cache: EmbeddingCache | None = None) -> tuple[np.ndarray, float | None]:
+           cache: EmbeddingCache | None = None, bf16: bool = False) -> tuple[np.ndarray, float | None]:
     """Normalized float32 embeddings (sentence-transformers sorts by length and batches) and texts/second: read
     from `cache` where it holds them (the speed is then None), else computed (and stored there)."""
+    import torch
+
     if cache is not None and (emb := cache.load(texts, prompt_name)) is not None:
         return emb, None
     started = time.perf_counter()
-    emb = model.encode(texts, prompt_name=prompt_name, batch_size=batch_size, show_progress_bar=True,
-                       convert_to_numpy=True, normalize_embeddings=True, device=encoding_devices())
+    with torch.autocast(model.device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
+        emb = model.encode(texts, prompt_name=prompt_name, batch_size=batch_size, show_progress_bar=True,
+                           convert_to_numpy=True, normalize_embeddings=True, device=encoding_devices())
     emb = emb.astype(np.float32, copy=False)
     rate = len(texts) / max(time.perf_counter() - started, 1e-9)
     if cache is not None:
@@ -100,10 +112,11 @@ def evaluate_model(model, data: RetrievalData, cfg: EvalConfig, use_prompts: boo
     """Encode (or read from `cache`), search, score: per-query metrics, means, throughput (None where the
     documents' embeddings were read from the cache), and diagnostics for one model."""
     query_prompt, doc_prompt = prompt_names(model) if use_prompts else (None, None)
-    doc_ids, query_ids = list(data.corpus), sorted(data.qrels)
-    doc_emb, doc_rate = encode(model, [data.corpus[d] for d in doc_ids], doc_prompt, cfg.eval_batch_size, cache)
+    doc_ids, query_ids, bf16 = list(data.corpus), sorted(data.qrels), encoding_bf16(model, cfg.eval_bf16)
+    doc_emb, doc_rate = encode(model, [data.corpus[d] for d in doc_ids], doc_prompt, cfg.eval_batch_size, cache,
+                               bf16)
     query_emb, query_rate = encode(model, [data.queries[q] for q in query_ids], query_prompt, cfg.eval_batch_size,
-                                   cache)
+                                   cache, bf16)
     top = search(doc_emb, query_emb, cfg.index)
     rankings = {q: [doc_ids[i] for i in row if i >= 0] for q, row in zip(query_ids, top)}
     per_query = score_rankings(rankings, data.qrels)
@@ -111,7 +124,7 @@ def evaluate_model(model, data: RetrievalData, cfg: EvalConfig, use_prompts: boo
               "documents_per_second": None if doc_rate is None else round(doc_rate, 1),
               "embeddings": {part: "cache" if rate is None else "computed"
                              for part, rate in (("documents", doc_rate), ("queries", query_rate))},
-              "prompts": [query_prompt, doc_prompt],
+              "prompts": [query_prompt, doc_prompt], "bf16_autocast": bf16,
               "max_seq_length": model.max_seq_length,
               "anisotropy_diagnostic": anisotropy(doc_emb)}
     if cfg.index != "flat":
@@ -222,7 +235,8 @@ def evaluate_named(name: str, path: str, data: RetrievalData, cfg: EvalConfig, c
     model = load_model(str(folder))
     if cfg.eval_max_seq_length:
         model.max_seq_length = cfg.eval_max_seq_length
-    cache = EmbeddingCache(model, folder, cfg.eval_batch_size) if cached and not cfg.no_cache else None
+    cache = (EmbeddingCache(model, folder, cfg.eval_batch_size, encoding_bf16(model, cfg.eval_bf16))
+             if cached and not cfg.no_cache else None)
     return evaluate_model(model, data, cfg, cache=cache)
 
 

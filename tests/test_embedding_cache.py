@@ -130,3 +130,16 @@ def test_the_fingerprint_follows_the_weights_not_the_path(tmp_path, tiny_bert):
     data[-1] ^= 0x01
     weights.write_bytes(bytes(data))
     assert weights_fingerprint(copy) != weights_fingerprint(tiny_bert)
+
+
+def test_bf16_autocast_is_a_key_part_and_encodes_as_fp32_does(tmp_path, cache_dir, tiny_bert):
+    from src.evaluation import encode, load_model
+
+    models, pairs = {"model": str(tiny_bert)}, _pairs(tmp_path / "pairs.jsonl")
+    fp32 = _evaluate(tmp_path / "fp32", models, pairs, eval_bf16="no")["model"]
+    bf16 = _evaluate(tmp_path / "bf16", models, pairs, eval_bf16="yes")["model"]
+    assert (fp32["bf16_autocast"], bf16["bf16_autocast"]) == (False, True)
+    assert bf16["embeddings"] == {"documents": "computed", "queries": "computed"}  # not fp32's entries
+    model, texts = load_model(str(tiny_bert)), [json.loads(line)["document"] for line in open(pairs)]
+    (full, _), (half, _) = (encode(model, texts, None, 16, bf16=b) for b in (False, True))
+    assert (full != half).any() and (full * half).sum(axis=1).min() > 0.99  # rounded, not changed
