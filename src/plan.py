@@ -137,9 +137,10 @@ def plan_run(cfg: Config, columns: list[str], world: int = 1) -> RunPlan:
         # cannot handle TSDAE's second pass through the same (shared) layers.
         raise UsageError(f"option --objective {objective}: not supported under torchrun; run tsdae, then mnrl from "
                          f"its merged/ model, or train on one process")
-    if t.hard_negatives and "mnrl" not in parts(objective):
+    if t.hard_negatives and not set(parts(objective)) & {"mnrl", *DOCUMENT_CONSTRUCTIONS}:
         raise UsageError(f"option --hard_negatives: mines negatives for (query, document) pairs, which --objective "
-                         f"{objective} does not train on (it needs mnrl and the file's --pair_columns)")
+                         f"{objective} does not train on (it needs mnrl or pairs from documents: "
+                         f"{', '.join(DOCUMENT_CONSTRUCTIONS)})")
     recipe = t.objective == "auto" and objective == DOCUMENTS_DEFAULT
     if recipe and t.monitor_data:
         raise UsageError("option --monitor_data: the documents-alone default trains without model selection; pass "

@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import RU_TRAIN, read_texts
 from test_objectives import tiny_run
 
 from src.config import Config, ModelConfig, TrainConfig
@@ -83,7 +84,26 @@ def test_mnrl_trains_with_mined_negatives_and_the_cached_loss(tmp_path, tiny_xlm
 def test_lever_options_that_cannot_apply_are_one_line_errors():
     from src.plan import plan_run
 
-    with pytest.raises(UsageError, match="option --hard_negatives: .*--objective lead does not train on"):
-        plan_run(Config(train=TrainConfig(hard_negatives=3)), ["_id", "text"])
+    with pytest.raises(UsageError, match="option --hard_negatives: .*--objective tsdae does not train on"):
+        plan_run(Config(train=TrainConfig(objective="tsdae", hard_negatives=3)), ["_id", "text"])
     with pytest.raises(UsageError, match="option --mini_batch_size: cannot be combined with --anchor_weight"):
         TrainConfig(mini_batch_size=8, anchor_weight=1.0)
+
+
+def test_pairs_from_documents_train_with_mined_negatives_from_other_documents(tiny_xlmr):
+    from src.config import NoiseConfig
+    from src.create_dataset import TrainingData
+    from src.model_builder import build_model
+    from src.objectives import build_objective
+
+    texts = read_texts(RU_TRAIN, 60)
+    model = build_model(ModelConfig(model_name_or_path=str(tiny_xlmr), precision="none"))
+    built = build_objective("lead", TrainConfig(hard_negatives=2, mnrl_scale=20), NoiseConfig(), model,
+                            TrainingData(texts, []))
+    rows = built.train_dataset
+    assert rows.column_names == ["anchor", "positive", "negative_1", "negative_2"] and len(rows) == len(texts)
+    positives = set(rows["positive"])
+    for row in rows:
+        assert row["positive"] not in (row["negative_1"], row["negative_2"])
+        assert {row["negative_1"], row["negative_2"]} <= positives  # other documents' (lead-stripped) bodies
+    assert built.prompts["negative_2"] == built.prompts["positive"] == "passage: "
