@@ -11,7 +11,8 @@ string actually prepended, max_seq_length, batch size, parameter precision, bf16
 sentence-transformers and torch versions. An entry is ``<key>.npy`` (float32, one row per text) and
 ``<key>.json`` (the key's parts, the array's shape and a SHA-256 of its bytes), each written to a temporary file
 and renamed into place. An entry that cannot be read or does not match its key, shape or checksum is never
-trusted: a warning names it, and the embeddings are computed afresh and stored over it.
+trusted: a warning names it, and the embeddings are computed afresh and stored over it. The cache holds at most
+$E5KIT_CACHE_MAX_GB (DEFAULT_MAX_GB without it): past that, the least recently used entries are deleted.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from src.errors import UsageError
 from src.provision import kit_cache
 
 logger = logging.getLogger(__name__)
@@ -35,10 +37,38 @@ FORMAT = 1  # bump when the layout or the meaning of a key part changes: older e
 MODEL_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".json", ".txt", ".model", ".py", ".tiktoken")
 SKIPPED_FOLDERS = {"onnx", "openvino"}
 CHUNK = 1 << 20
+DEFAULT_MAX_GB = 10.0  # e.g. about 60 corpora of 100,000 texts at 384 dimensions
 
 
 def cache_folder() -> Path:
     return kit_cache() / "embeddings"
+
+
+def size_limit() -> int:
+    """Bytes the cache may hold: $E5KIT_CACHE_MAX_GB, DEFAULT_MAX_GB without it."""
+    value = os.environ.get("E5KIT_CACHE_MAX_GB", str(DEFAULT_MAX_GB))
+    try:
+        return int(float(value) * 1e9)
+    except ValueError:
+        raise UsageError(f"environment variable E5KIT_CACHE_MAX_GB: '{value}' is not a number of gigabytes") from None
+
+
+def entry_files(npy: Path) -> list[Path]:
+    return [f for f in (npy, npy.with_suffix(".json")) if f.exists()]
+
+
+def evict(root: Path, keep: Path, limit: int) -> None:
+    """Delete the least recently used entries (the oldest modification time: reading an entry touches it) until
+    the cache holds at most `limit` bytes; `keep`, the entry just written, stays whatever its size."""
+    entries = sorted(root.glob("*.npy"), key=lambda p: p.stat().st_mtime)
+    total = sum(f.stat().st_size for npy in entries for f in entry_files(npy))
+    for npy in (e for e in entries if e != keep):
+        if total <= limit:
+            break
+        for f in entry_files(npy):
+            total -= f.stat().st_size
+            f.unlink(missing_ok=True)
+        logger.info("embedding cache: evicted %s (over E5KIT_CACHE_MAX_GB = %g)", npy.name, limit / 1e9)
 
 
 def model_files(folder: Path) -> list[Path]:
@@ -131,7 +161,7 @@ class EmbeddingCache:
     def __init__(self, model, folder: Path, batch_size: int, bf16: bool, root: Path | None = None):
         self.model, self.folder = model, Path(folder).resolve()
         self.root = Path(root) if root is not None else cache_folder()
-        self.parts = model_parts(model, self.folder, batch_size, bf16)
+        self.parts, self.limit = model_parts(model, self.folder, batch_size, bf16), size_limit()
 
     def key(self, texts: list[str], prompt_name: str | None) -> tuple[str, dict]:
         parts = {**self.parts, "texts": texts_digest(texts), "n_texts": len(texts),
@@ -154,6 +184,7 @@ class EmbeddingCache:
             logger.warning("embedding cache: ignoring %s (%s); computing these embeddings afresh", npy, exc)
             return None
         logger.info("embedding cache: read %d embeddings of %s from %s", len(texts), self.folder, npy)
+        os.utime(npy)  # recently used: evicted last
         return emb
 
     def store(self, texts: list[str], prompt_name: str | None, emb: np.ndarray) -> None:
@@ -167,5 +198,6 @@ class EmbeddingCache:
             self.root.mkdir(parents=True, exist_ok=True)
             write_atomic(npy, lambda fh: np.save(fh, emb, allow_pickle=False))
             write_atomic(header_path, lambda fh: fh.write(json.dumps(header, indent=1).encode("utf-8")))
+            evict(self.root, npy, self.limit)
         except OSError as exc:
             logger.warning("embedding cache: cannot write %s (%s); continuing without it", npy, exc)

@@ -9,6 +9,7 @@ from conftest import RU_TRAIN
 
 from src.config import EvalConfig
 from src.embedding_cache import weights_fingerprint
+from src.errors import UsageError
 from src.evaluation import run_evaluation
 
 
@@ -143,3 +144,26 @@ def test_bf16_autocast_is_a_key_part_and_encodes_as_fp32_does(tmp_path, cache_di
     model, texts = load_model(str(tiny_bert)), [json.loads(line)["document"] for line in open(pairs)]
     (full, _), (half, _) = (encode(model, texts, None, 16, bf16=b) for b in (False, True))
     assert (full != half).any() and (full * half).sum(axis=1).min() > 0.99  # rounded, not changed
+
+
+def test_over_its_size_limit_the_cache_drops_the_least_recently_used_entries(tmp_path, cache_dir, tiny_bert,
+                                                                            monkeypatch):
+    import os
+
+    models = {"model": str(tiny_bert)}
+    first = _pairs(tmp_path / "first.jsonl", n=30)
+    _evaluate(tmp_path / "a", models, first)
+    entry = sum(p.stat().st_size for p in cache_dir.iterdir())  # documents + queries of one evaluation
+    for p in cache_dir.iterdir():
+        os.utime(p, (1, 1))  # long unused ...
+    monkeypatch.setenv("E5KIT_CACHE_MAX_GB", str(1.2 * entry / 1e9))
+    assert _evaluate(tmp_path / "b", models, first)["model"]["embeddings"]["documents"] == "cache"  # ... now used
+    _evaluate(tmp_path / "c", models, _pairs(tmp_path / "second.jsonl", n=30, changed_row=0))  # a new corpus
+    assert sum(p.stat().st_size for p in cache_dir.iterdir()) <= 1.2 * entry
+    # the queries were read (touched) too, the new corpus's documents were just written: the evicted entry is
+    # the first corpus's documents, which the changed corpus's evaluation did not read
+    again = _evaluate(tmp_path / "d", models, first)["model"]["embeddings"]
+    assert again == {"documents": "computed", "queries": "cache"}
+    monkeypatch.setenv("E5KIT_CACHE_MAX_GB", "lots")
+    with pytest.raises(UsageError, match="E5KIT_CACHE_MAX_GB: 'lots' is not a number"):
+        _evaluate(tmp_path / "e", models, first)
