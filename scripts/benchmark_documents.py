@@ -47,6 +47,9 @@ RECIPES = {
     "auto-rt10-20": ["--round_trip_top_k", "10", "--max_steps", "20"],  # ... on twice the pairs
     "auto-hn1": ["--hard_negatives", "1"],  # the default with one mined negative per pair
     "auto-rt10-hn1": ["--round_trip_top_k", "10", "--hard_negatives", "1"],
+    # the default's budget (10 steps of 32, no selection) on other constructions
+    "keys-10": ["--objective", "keys", "--max_steps", "10", *NO_GUARD],
+    "lead+keys-10": ["--objective", "lead+keys", "--max_steps", "10", *NO_GUARD],
     "lead": ["--objective", "lead", *EVERY_10],  # one epoch, selected on crop pairs (the default before)
     "ict": ["--objective", "ict", *EVERY_10],
     "crop": ["--objective", "crop", *EVERY_10],

@@ -17,7 +17,7 @@ from src.settings import Settings, check_minimum, check_option, comma_list, help
 
 DEFAULT_MODEL = "intfloat/multilingual-e5-small"
 # Pairs built from documents alone (src/document_pairs.py), in the order `--dev_construction auto` prefers them.
-DOCUMENT_CONSTRUCTIONS = ("crop", "lead", "ict")
+DOCUMENT_CONSTRUCTIONS = ("crop", "lead", "ict", "keys")
 OBJECTIVE_PARTS = ("mnrl", *DOCUMENT_CONSTRUCTIONS, "simcse", "tsdae")  # each built by src/objectives.py's PARTS
 # Random streams drawn from one --seed: development pairs (and noise) and the distractor pool must not repeat the
 # training draws, so each stream offsets the seed by its position here.
@@ -102,8 +102,8 @@ class TrainConfig(Settings):
         "auto: mnrl when the training file has --pair_columns, else lead on 320 pairs without selection. Or "
         "one part or several joined by '+' (e.g. tsdae+lead): mnrl: (query, document) pairs from --pair_columns; "
         "ict: a sentence of a document -> the rest; crop: two random spans of a document; lead: a document's "
-        "leading line or sentence -> the rest; simcse: dropout-noise contrastive on texts; tsdae: denoising "
-        "auto-encoder on texts. Measured results: docs/RESULTS.md.", default="auto")
+        "leading line or sentence -> the rest; keys: its most distinctive words -> it; simcse: dropout-noise "
+        "contrastive on texts; tsdae: denoising auto-encoder on texts. Measured: docs/RESULTS.md.", default="auto")
     learning_rate: float = help_field("Peak learning rate; 0 = auto: 2e-4 for mnrl alone, 1e-4 for the other "
                                       "objectives (both as measured; TSDAE/SimCSE on e5 want far less, e.g. 2e-5).",
                                       default=0.0)

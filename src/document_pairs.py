@@ -9,12 +9,18 @@
            https://arxiv.org/abs/2112.09118).
     lead   the leading line (a heading) -> the rest; without lines, the first sentence -> the rest. The closest
            a document comes to its own title; the same pair every epoch.
+    keys   a title-length query of the document's most distinctive words (highest tf-idf over the training
+           documents, 2-5 of them, in the order they first occur) -> the whole document: what short title and
+           term queries share with the document they name.
 
 Like the TSDAE noise, the random stream is a function of (seed, epoch, document index): pairs are redrawn
 every epoch, repeat exactly for the same seed, and survive a resume.
 """
 
 from __future__ import annotations
+
+import math
+from collections import Counter
 
 import numpy as np
 
@@ -25,6 +31,18 @@ ICT_KEEP = 0.1  # Lee et al.: the query sentence stays in its document 10% of th
 CROP_RATIO = (0.1, 0.5)  # Izacard et al.: each span covers 10-50% of the document
 SPAN_WORDS = (4, 16)  # query length when a document has a single sentence: about a title's
 MAX_QUERY_WORDS = 32  # longer sentences are cut to a random window of this many words
+KEY_WORDS = (2, 5)  # keys: words per query, about a title's
+
+
+def key_words(text: str) -> list[str]:
+    """The words that can be key terms: with a letter, three characters or more."""
+    return [w for w, _ in tokenize(text) if len(w) >= 3 and any(c.isalpha() for c in w)]
+
+
+def inverse_document_frequency(texts: list[str]) -> dict[str, float]:
+    """log(N / df) of every casefolded key word of `texts`."""
+    df = Counter(w for t in texts for w in {w.casefold() for w in key_words(t)})
+    return {w: math.log(len(texts) / n) for w, n in df.items()}
 
 
 def sentences(text: str) -> list[str]:
@@ -52,10 +70,12 @@ class DocumentPairs:
     A document needs two words for the sides to differ; a one-word document gives (word, word).
     """
 
-    def __init__(self, kind: str, seed: int):
+    def __init__(self, kind: str, seed: int, corpus: list[str] | None = None):
         if kind not in DOCUMENT_CONSTRUCTIONS:
             raise ValueError(f"unknown construction '{kind}' (use {', '.join(DOCUMENT_CONSTRUCTIONS)})")
         self.kind, self.seed, self.epoch = kind, seed, 0
+        # keys: without a corpus every word is equally rare, and term frequency alone decides
+        self.idf = inverse_document_frequency(corpus) if kind == "keys" and corpus else {}
 
     def __call__(self, text: str, index: int) -> tuple[str, str]:
         rng = np.random.default_rng([self.seed, self.epoch, index])
@@ -92,6 +112,21 @@ class DocumentPairs:
         tokens = tokenize(text)
         length = min(SPAN_WORDS[1], len(tokens) // 2)
         return (join(tokens[:length]), join(tokens[length:])) if length else (text, text)
+
+    def keys(self, text: str, rng: np.random.Generator) -> tuple[str, str]:
+        words = key_words(text)
+        counts = Counter(w.casefold() for w in words)
+        if len(counts) < 2:
+            return self._span_query(text, rng)
+        rarest = max(self.idf.values(), default=1.0)  # a word no training document has is as rare as any
+        ranked = sorted(counts, key=lambda w: (-counts[w] * self.idf.get(w, rarest), w))
+        chosen = set(ranked[: int(rng.integers(KEY_WORDS[0], KEY_WORDS[1] + 1))])
+        query = []
+        for word in words:  # in the document's order, each once, as it is first written
+            if word.casefold() in chosen:
+                chosen.remove(word.casefold())
+                query.append(word)
+        return " ".join(query), text
 
     @staticmethod
     def _span_query(text: str, rng: np.random.Generator) -> tuple[str, str]:

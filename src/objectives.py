@@ -7,6 +7,7 @@ in proportion (the trainer's multi-dataset mode). The parts:
     ict     inverse cloze task on documents: a sentence -> the rest of its document      (src/document_pairs.py)
     crop    independent cropping: two random spans of one document                       (src/document_pairs.py)
     lead    a document's leading line or first sentence -> the rest                      (src/document_pairs.py)
+    keys    a document's most distinctive words (tf-idf) -> the document                  (src/document_pairs.py)
     simcse  the same text twice, different dropout masks
     tsdae   denoising auto-encoder on single texts                                       (src/tsdae.py)
 
@@ -146,8 +147,8 @@ def build_mnrl(train: TrainConfig, noise: NoiseConfig, model, data: TrainingData
 
 def document_part(kind: str) -> Callable:
     def build(train: TrainConfig, noise: NoiseConfig, model, data: TrainingData, prompts: dict) -> Objective:
-        pairs = DocumentPairs(kind, train.seed_for("train"))
-        dev_pairs = DocumentPairs(kind, train.seed_for("development"))
+        pairs = DocumentPairs(kind, train.seed_for("train"), data.texts)
+        dev_pairs = DocumentPairs(kind, train.seed_for("development"), data.texts)
         dev = document_pairs_dataset(data.dev_texts, dev_pairs) if data.dev_texts else None
         texts = (round_trip_filter(model, data.texts, pairs, train.round_trip_top_k, prompts, train.seed_for("train"))
                  if train.round_trip_top_k else data.texts)

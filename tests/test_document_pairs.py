@@ -356,3 +356,17 @@ def test_the_lead_part_trains_only_the_documents_its_round_trip_keeps(tiny_xlmr)
                                  data).train_dataset)
              for k in (0, 5, len(DOCS))]
     assert sizes[0] == sizes[2] == len(DOCS) and 0 < sizes[1] < len(DOCS)
+
+
+def test_keys_queries_are_a_documents_rarest_words_in_its_own_order():
+    corpus = ["The kernel driver sch5636 reads the sensors of the board.", "The kernel loads the driver.",
+              "The board boots the kernel."]
+    doc_words = corpus[0].rstrip(".").split()
+    queries = {DocumentPairs("keys", seed, corpus)(corpus[0], 0) for seed in range(20)}
+    assert {p for _, p in queries} == {corpus[0]}  # the whole document is the positive
+    assert len(queries) > 1  # 2-5 words, drawn: about a title's length
+    for query, _ in queries:
+        words = query.split()
+        assert 2 <= len(words) <= 5 and {"sch5636", "reads"} <= set(words)  # words no other document has first
+        assert not {"The", "kernel"} & set(words)  # never the words every document has
+        assert [doc_words.index(w) for w in words] == sorted(doc_words.index(w) for w in words)
