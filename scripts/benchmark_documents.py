@@ -79,7 +79,8 @@ def test_folder(collection: str) -> Path:
 def train(collection: str, recipe: str, folder: Path, monitor: bool) -> dict:
     """The kit's command for one recipe on one collection's documents; its run.json."""
     if not (folder / "run.json").exists():
-        selects = "noguard" not in recipe and not recipe.startswith("auto")  # the monitor needs model selection
+        # the monitor needs model selection: the default (auto) and the recipes with --select_best false have none
+        selects = "--select_best" not in RECIPES[recipe] and not recipe.startswith("auto")
         watch = ["--monitor_data", str(test_folder(collection))] if monitor and selects else []
         command = [sys.executable, "-m", "src.trainer", "--train_file", str(DEV / collection / "train.jsonl"),
                    "--eval_data", "", "--output_dir", str(folder), "--overwrite", *RECIPES[recipe], *watch]

@@ -150,15 +150,15 @@ class TrainConfig(Settings):
                                   "(comma-separated, between 0 = the base and 1 = as trained) on the development "
                                   "pairs, and keep the best; '' = off; auto: 0.5, none for mnrl alone.",
                                   default="auto")
-    hard_negatives: int = help_field("mnrl, lead, ict, crop: negatives per pair mined by the base model among the "
-                                     "training documents, near-duplicates of the pair's own document filtered out "
+    hard_negatives: int = help_field("mnrl, pairs from documents: negatives per pair mined by the base model among "
+                                     "the training documents, near-duplicates of the pair's own document filtered out "
                                      "(src/hard_negatives.py). 0 = in-batch negatives only.", default=0)
     negative_margin: float = help_field("Mining: skip a candidate scoring within this fraction of the positive's "
-                                        "own score (sentence-transformers relative_margin): likely an unlabelled "
-                                        "positive.", default=0.05)
+                                        "own score (relative_margin): likely an unlabelled positive.", default=0.05)
     negative_skip: int = help_field("Mining: skip the base model's top N candidates (range_min).", default=0)
-    round_trip_top_k: int = help_field("lead, ict, crop: train on the documents whose pair's query finds them in the "
-                                       "base model's top K of 2,048 (src/round_trip.py). 0 = off.", default=0)
+    round_trip_top_k: int = help_field("Pairs from documents: train on the documents whose pair's query finds "
+                                       "them in the base model's top K of 2,048 (src/round_trip.py). 0 = off.",
+                                       default=0)
     mini_batch_size: int = help_field("Contrastive parts: compute the loss over each batch in mini-batches of this "
                                       "many (CachedMultipleNegativesRankingLoss, GradCache): a large --batch_size at "
                                       "the activation memory of a small one. 0 = the plain loss.", default=0)

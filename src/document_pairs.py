@@ -64,8 +64,9 @@ class DocumentPairs:
     """A document -> (query, positive) by one construction, drawn from the stream (seed, epoch, index).
 
     Args:
-        kind: `ict`, `crop` or `lead` (see the module docstring).
+        kind: `ict`, `crop`, `lead` or `keys` (see the module docstring).
         seed: the run's seed; `epoch` is set by the trainer at each epoch's start.
+        corpus: the training documents, whose word frequencies `keys` ranks by (ignored by the others).
 
     A document needs two words for the sides to differ; a one-word document gives (word, word).
     """
@@ -76,6 +77,7 @@ class DocumentPairs:
         self.kind, self.seed, self.epoch = kind, seed, 0
         # keys: without a corpus every word is equally rare, and term frequency alone decides
         self.idf = inverse_document_frequency(corpus) if kind == "keys" and corpus else {}
+        self.rarest = max(self.idf.values(), default=1.0)  # a word no training document has is as rare as any
 
     def __call__(self, text: str, index: int) -> tuple[str, str]:
         rng = np.random.default_rng([self.seed, self.epoch, index])
@@ -118,8 +120,7 @@ class DocumentPairs:
         counts = Counter(w.casefold() for w in words)
         if len(counts) < 2:
             return self._span_query(text, rng)
-        rarest = max(self.idf.values(), default=1.0)  # a word no training document has is as rare as any
-        ranked = sorted(counts, key=lambda w: (-counts[w] * self.idf.get(w, rarest), w))
+        ranked = sorted(counts, key=lambda w: (-counts[w] * self.idf.get(w, self.rarest), w))
         chosen = set(ranked[: int(rng.integers(KEY_WORDS[0], KEY_WORDS[1] + 1))])
         query = []
         for word in words:  # in the document's order, each once, as it is first written
@@ -139,11 +140,13 @@ class DocumentPairs:
         return join(tokens[start : start + length]), join(tokens[:start] + tokens[start + length :])
 
 
-def document_pairs_dataset(texts: list[str], pairs: DocumentPairs):
-    """A `datasets.Dataset` with columns (anchor, positive), drawn lazily on every access (fresh each epoch)."""
+def document_pairs_dataset(texts: list[str], pairs: DocumentPairs, indices=None):
+    """A `datasets.Dataset` with columns (anchor, positive), drawn lazily on every access (fresh each epoch), of
+    the documents at `indices` (all by default), each drawn from its own stream (its index in `texts`)."""
     from datasets import Dataset
 
-    dataset = Dataset.from_dict({"text": texts, "index": list(range(len(texts)))})
+    indices = list(range(len(texts)) if indices is None else indices)
+    dataset = Dataset.from_dict({"text": [texts[i] for i in indices], "index": indices})
 
     def transform(batch):
         drawn = [pairs(t, i) for t, i in zip(batch["text"], batch["index"])]

@@ -17,9 +17,11 @@ $E5KIT_CACHE_MAX_GB (DEFAULT_MAX_GB without it): past that, the least recently u
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -48,25 +50,40 @@ def size_limit() -> int:
     """Bytes the cache may hold: $E5KIT_CACHE_MAX_GB, DEFAULT_MAX_GB without it."""
     value = os.environ.get("E5KIT_CACHE_MAX_GB", str(DEFAULT_MAX_GB))
     try:
-        return int(float(value) * 1e9)
+        gigabytes = float(value)
     except ValueError:
-        raise UsageError(f"environment variable E5KIT_CACHE_MAX_GB: '{value}' is not a number of gigabytes") from None
+        gigabytes = math.nan
+    if not 0 <= gigabytes < math.inf:
+        raise UsageError(f"environment variable E5KIT_CACHE_MAX_GB: '{value}' is not a number of gigabytes >= 0")
+    return int(gigabytes * 1e9)
 
 
-def entry_files(npy: Path) -> list[Path]:
-    return [f for f in (npy, npy.with_suffix(".json")) if f.exists()]
+def entry_bytes(npy: Path) -> int:
+    """The size of an entry's files; 0 for whatever another process deleted meanwhile."""
+    total = 0
+    for f in (npy, npy.with_suffix(".json")):
+        with contextlib.suppress(OSError):
+            total += f.stat().st_size
+    return total
+
+
+def last_used(npy: Path) -> float:
+    try:
+        return npy.stat().st_mtime
+    except OSError:
+        return 0.0
 
 
 def evict(root: Path, keep: Path, limit: int) -> None:
     """Delete the least recently used entries (the oldest modification time: reading an entry touches it) until
     the cache holds at most `limit` bytes; `keep`, the entry just written, stays whatever its size."""
-    entries = sorted(root.glob("*.npy"), key=lambda p: p.stat().st_mtime)
-    total = sum(f.stat().st_size for npy in entries for f in entry_files(npy))
+    entries = sorted(root.glob("*.npy"), key=last_used)
+    total = sum(map(entry_bytes, entries))
     for npy in (e for e in entries if e != keep):
         if total <= limit:
             break
-        for f in entry_files(npy):
-            total -= f.stat().st_size
+        total -= entry_bytes(npy)
+        for f in (npy, npy.with_suffix(".json")):
             f.unlink(missing_ok=True)
         logger.info("embedding cache: evicted %s (over E5KIT_CACHE_MAX_GB = %g)", npy.name, limit / 1e9)
 
@@ -184,7 +201,8 @@ class EmbeddingCache:
             logger.warning("embedding cache: ignoring %s (%s); computing these embeddings afresh", npy, exc)
             return None
         logger.info("embedding cache: read %d embeddings of %s from %s", len(texts), self.folder, npy)
-        os.utime(npy)  # recently used: evicted last
+        with contextlib.suppress(OSError):  # a read-only cache still serves; its order is then by writing
+            os.utime(npy)  # recently used: evicted last
         return emb
 
     def store(self, texts: list[str], prompt_name: str | None, emb: np.ndarray) -> None:

@@ -150,14 +150,16 @@ def document_part(kind: str) -> Callable:
         pairs = DocumentPairs(kind, train.seed_for("train"), data.texts)
         dev_pairs = DocumentPairs(kind, train.seed_for("development"), data.texts)
         dev = document_pairs_dataset(data.dev_texts, dev_pairs) if data.dev_texts else None
-        texts = (round_trip_filter(model, data.texts, pairs, train.round_trip_top_k, prompts, train.seed_for("train"))
-                 if train.round_trip_top_k else data.texts)
+        indices = (round_trip_filter(model, data.texts, pairs, train.round_trip_top_k, prompts,
+                                     train.seed_for("train")) if train.round_trip_top_k else None)
         if train.hard_negatives:  # mined for the first epoch's pairs, which then repeat every epoch
-            dataset = with_hard_negatives(model, [pairs(t, i) for i, t in enumerate(texts)], train, prompts)
-            return Objective(dataset, dev, contrastive_loss(train, model),
-                             query_passage_prompts(prompts, dataset.column_names))
-        return Objective(document_pairs_dataset(texts, pairs), dev, contrastive_loss(train, model),
-                         query_passage_prompts(prompts), epoch_aware=[pairs])
+            chosen = range(len(data.texts)) if indices is None else indices
+            dataset = with_hard_negatives(model, [pairs(data.texts[i], i) for i in chosen], train, prompts)
+        else:
+            dataset = document_pairs_dataset(data.texts, pairs, indices)
+        return Objective(dataset, dev, contrastive_loss(train, model),
+                         query_passage_prompts(prompts, dataset.column_names),
+                         epoch_aware=[] if train.hard_negatives else [pairs])
 
     return build
 

@@ -127,6 +127,13 @@ def dev_construction(requested: str, objective: str) -> str:
     return next((c for c in DOCUMENT_CONSTRUCTIONS if c not in trained), DOCUMENT_CONSTRUCTIONS[0])
 
 
+def check_lever(option: str, value, objective: str, applies_to: tuple[str, ...]) -> None:
+    """A lever set for an objective that has none of the parts it acts on is a one-line error, never ignored."""
+    if value and not set(parts(objective)) & set(applies_to):
+        raise UsageError(f"option --{option}: acts on {', '.join(applies_to)}, which --objective {objective} does "
+                         f"not train on")
+
+
 def plan_run(cfg: Config, columns: list[str], world: int = 1) -> RunPlan:
     """The plan before the data is read (the steps come with `with_budget`, once the texts are counted)."""
     t = cfg.train
@@ -137,11 +144,12 @@ def plan_run(cfg: Config, columns: list[str], world: int = 1) -> RunPlan:
         # cannot handle TSDAE's second pass through the same (shared) layers.
         raise UsageError(f"option --objective {objective}: not supported under torchrun; run tsdae, then mnrl from "
                          f"its merged/ model, or train on one process")
-    if t.hard_negatives and not set(parts(objective)) & {"mnrl", *DOCUMENT_CONSTRUCTIONS}:
-        raise UsageError(f"option --hard_negatives: mines negatives for (query, document) pairs, which --objective "
-                         f"{objective} does not train on (it needs mnrl or pairs from documents: "
-                         f"{', '.join(DOCUMENT_CONSTRUCTIONS)})")
+    check_lever("hard_negatives", t.hard_negatives, objective, ("mnrl", *DOCUMENT_CONSTRUCTIONS))
+    check_lever("round_trip_top_k", t.round_trip_top_k, objective, DOCUMENT_CONSTRUCTIONS)
     recipe = t.objective == "auto" and objective == DOCUMENTS_DEFAULT
+    if t.round_trip_top_k and not (recipe or t.max_steps):
+        raise UsageError("option --round_trip_top_k: needs a fixed number of steps (the documents default's budget, "
+                         "or --max_steps): an epoch counted on the unfiltered file would overtrain the kept documents")
     if recipe and t.monitor_data:
         raise UsageError("option --monitor_data: the documents-alone default trains without model selection; pass "
                          f"--objective {DOCUMENTS_DEFAULT} to select on development pairs and monitor them")

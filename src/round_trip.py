@@ -19,6 +19,8 @@ import logging
 import numpy as np
 import torch
 
+from src.errors import KitError
+
 logger = logging.getLogger(__name__)
 POOL = 2048  # documents judged: enough to keep a few hundred pairs; the rest of a larger corpus is left out
 
@@ -34,14 +36,16 @@ def own_ranks(model, pairs: list[tuple[str, str]], prompts: dict, batch_size: in
     return ((scores >= scores.diagonal()[:, None]).sum(dim=1) - 1).numpy()
 
 
-def round_trip_filter(model, texts: list[str], make_pair, top_k: int, prompts: dict, seed: int) -> list[str]:
-    """The documents of a seeded sample of at most POOL whose pair (`make_pair(text, index)`, the first epoch's)
-    ranks its own positive within the base model's `top_k` among the sample's. `model` must still be the base
-    model: a fresh LoRA adapter is a no-op."""
+def round_trip_filter(model, texts: list[str], make_pair, top_k: int, prompts: dict, seed: int) -> list[int]:
+    """The indices, in a seeded sample of at most POOL of `texts`, of the documents whose pair (`make_pair(text,
+    index)`, as the first epoch draws it) ranks its own positive within the base model's `top_k` among the
+    sample's. `model` must still be the base model: a fresh LoRA adapter is a no-op."""
     rng = np.random.default_rng(seed)
-    sample = np.sort(rng.choice(len(texts), size=min(POOL, len(texts)), replace=False))
-    ranks = own_ranks(model, [make_pair(texts[i], int(i)) for i in sample], prompts)
-    kept = [texts[i] for i, rank in zip(sample, ranks) if rank < top_k]
+    sample = np.sort(rng.choice(len(texts), size=min(POOL, len(texts)), replace=False)).tolist()
+    ranks = own_ranks(model, [make_pair(texts[i], i) for i in sample], prompts)
+    kept = [i for i, rank in zip(sample, ranks) if rank < top_k]
     logger.info("round-trip filter: %d of %d sampled documents (of %d) find their own pair in the base model's "
                 "top %d; median rank %d", len(kept), len(sample), len(texts), top_k, int(np.median(ranks)))
+    if not kept:
+        raise KitError(f"option --round_trip_top_k {top_k}: no training document passed the round trip; raise it")
     return kept

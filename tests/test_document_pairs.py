@@ -13,7 +13,7 @@ from src.config import DOCUMENT_CONSTRUCTIONS as CONSTRUCTIONS
 from src.config import DataConfig, ModelConfig, TrainConfig
 from src.create_dataset import load_training_data
 from src.document_pairs import DocumentPairs, document_pairs_dataset
-from src.errors import UsageError
+from src.errors import KitError, UsageError
 from src.plan import DOCUMENTS_DEFAULT, dev_construction, resolve_objective
 from src.round_trip import own_ranks, round_trip_filter
 from src.selection import development_pairs
@@ -340,9 +340,11 @@ def test_round_trip_keeps_documents_whose_lead_finds_them_and_drops_generic_lead
     # "Note" shares no word with any body: it ties with every document, which counts as not found
     assert own_ranks(encoder, [lead(d, i) for i, d in enumerate(docs)], {}).tolist() == [0, 3, 0, 3]
     with caplog.at_level(logging.INFO, logger="src.round_trip"):
-        assert round_trip_filter(encoder, docs, lead, 1, {}, seed=0) == [docs[0], docs[2]]
-    assert round_trip_filter(encoder, docs, lead, 4, {}, seed=0) == docs  # top 4 of 4: everything
+        assert round_trip_filter(encoder, docs, lead, 1, {}, seed=0) == [0, 2]
+    assert round_trip_filter(encoder, docs, lead, 4, {}, seed=0) == [0, 1, 2, 3]  # top 4 of 4: everything
     assert "round-trip filter: 2 of 4 sampled documents" in caplog.text
+    with pytest.raises(KitError, match="option --round_trip_top_k 1: no training document passed"):
+        round_trip_filter(encoder, [docs[1], docs[3]], lead, 1, {}, seed=0)
 
 
 def test_the_lead_part_trains_only_the_documents_its_round_trip_keeps(tiny_xlmr):

@@ -160,10 +160,11 @@ def test_over_its_size_limit_the_cache_drops_the_least_recently_used_entries(tmp
     assert _evaluate(tmp_path / "b", models, first)["model"]["embeddings"]["documents"] == "cache"  # ... now used
     _evaluate(tmp_path / "c", models, _pairs(tmp_path / "second.jsonl", n=30, changed_row=0))  # a new corpus
     assert sum(p.stat().st_size for p in cache_dir.iterdir()) <= 1.2 * entry
-    # the queries were read (touched) too, the new corpus's documents were just written: the evicted entry is
-    # the first corpus's documents, which the changed corpus's evaluation did not read
+    # when the new corpus's documents were stored, the first corpus's documents were the least recently used
+    # entry (run "b" read them before its queries), so they went; the queries stayed
     again = _evaluate(tmp_path / "d", models, first)["model"]["embeddings"]
     assert again == {"documents": "computed", "queries": "cache"}
-    monkeypatch.setenv("E5KIT_CACHE_MAX_GB", "lots")
-    with pytest.raises(UsageError, match="E5KIT_CACHE_MAX_GB: 'lots' is not a number"):
-        _evaluate(tmp_path / "e", models, first)
+    for bad in ("lots", "inf", "-1"):
+        monkeypatch.setenv("E5KIT_CACHE_MAX_GB", bad)
+        with pytest.raises(UsageError, match=f"E5KIT_CACHE_MAX_GB: '{bad}' is not a number of gigabytes"):
+            _evaluate(tmp_path / "e", models, first)

@@ -84,8 +84,13 @@ def test_mnrl_trains_with_mined_negatives_and_the_cached_loss(tmp_path, tiny_xlm
 def test_lever_options_that_cannot_apply_are_one_line_errors():
     from src.plan import plan_run
 
-    with pytest.raises(UsageError, match="option --hard_negatives: .*--objective tsdae does not train on"):
+    with pytest.raises(UsageError, match="option --hard_negatives: acts on mnrl, .*--objective tsdae does not"):
         plan_run(Config(train=TrainConfig(objective="tsdae", hard_negatives=3)), ["_id", "text"])
+    with pytest.raises(UsageError, match="option --round_trip_top_k: acts on crop, .*--objective mnrl does not"):
+        plan_run(Config(train=TrainConfig(round_trip_top_k=3)), ["title", "description"])
+    with pytest.raises(UsageError, match="option --round_trip_top_k: needs a fixed number of steps"):
+        plan_run(Config(train=TrainConfig(objective="lead", round_trip_top_k=3)), ["_id", "text"])
+    plan_run(Config(train=TrainConfig(objective="lead", round_trip_top_k=3, max_steps=5)), ["_id", "text"])
     with pytest.raises(UsageError, match="option --mini_batch_size: cannot be combined with --anchor_weight"):
         TrainConfig(mini_batch_size=8, anchor_weight=1.0)
 
@@ -107,3 +112,4 @@ def test_pairs_from_documents_train_with_mined_negatives_from_other_documents(ti
         assert row["positive"] not in (row["negative_1"], row["negative_2"])
         assert {row["negative_1"], row["negative_2"]} <= positives  # other documents' (lead-stripped) bodies
     assert built.prompts["negative_2"] == built.prompts["positive"] == "passage: "
+    assert built.prompts["anchor"] == "query: "
