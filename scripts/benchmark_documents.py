@@ -46,7 +46,7 @@ RECIPES = {
     "auto-rt10": ["--round_trip_top_k", "10"],  # the default on documents whose lead finds them (src/round_trip.py)
     "auto-rt10-20": ["--round_trip_top_k", "10", "--max_steps", "20"],  # ... on twice the pairs
     "auto-s100": ["--mnrl_scale", "100"],  # ... at e5's own (temperature 0.01)
-    "auto-s50-20": ["--mnrl_scale", "50", "--max_steps", "20"],  # ... at scale 50 on twice the pairs
+    "auto-s100-20": ["--mnrl_scale", "100", "--max_steps", "20"],  # ... at scale 100 on twice the pairs
     "auto-hn1": ["--hard_negatives", "1"],  # the default with one mined negative per pair
     "auto-rt10-hn1": ["--round_trip_top_k", "10", "--hard_negatives", "1"],
     # the default's budget (10 steps of 32, no selection) on other constructions
