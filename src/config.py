@@ -126,7 +126,7 @@ class TrainConfig(Settings):
     decoder_warmup_steps: int = help_field("TSDAE: optimizer steps during which only the decoder's new weights learn "
                                            "(the encoder's adapters wait).", default=0)
     mnrl_scale: float = help_field("mnrl/simcse: similarity scale (inverse temperature) of the in-batch softmax; "
-                                   "0 = auto: 50 for mnrl alone, 20 for every other objective.", default=0.0)
+                                   "0 = auto: 50 for mnrl alone, 100 for the documents default, else 20.", default=0.0)
     loss_chunk_tokens: int = help_field("Reconstruction loss over this many target tokens at a time, logits "
                                         "recomputed in backward: batch x length x vocab is never held.", default=512)
     device: Literal["auto", "cpu", "cuda"] = help_field("Where to train.", default="auto")

@@ -310,7 +310,8 @@ def test_documents_budget_gives_way_to_a_small_file_an_explicit_max_steps_and_re
     halves = Config(train=TrainConfig(lora_scales="0.25,0.5"))
     assert plan_run(halves, ["title", "description"]).lora_scales == (0.25, 0.5)
     assert (catalog.learning_rate, budget.learning_rate) == (2e-4, 1e-4)  # auto: as measured for each
-    assert (catalog.mnrl_scale, budget.mnrl_scale) == (50.0, 20.0)
+    lead = plan_run(Config(train=TrainConfig(objective="lead")), ["text"])
+    assert (catalog.mnrl_scale, budget.mnrl_scale, lead.mnrl_scale) == (50.0, 100.0, 20.0)  # as measured
     assert planned(mnrl_scale=30.0)[0].mnrl_scale == 30.0
     every_10 = Config(train=TrainConfig(eval_steps=10))
     assert plan_run(every_10, ["title", "description"]).with_budget(5000, every_10.train).eval_steps == 10
