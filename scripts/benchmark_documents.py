@@ -41,17 +41,13 @@ TEST_FOLDERS = {"ru_catalog_docs": ROOT / "data" / "ru_catalog" / "test"}  # the
 NO_GUARD = ["--select_best", "false", "--lora_scales", ""]
 EVERY_10 = ["--eval_steps", "10"]  # the recipes with model selection were measured evaluating every 10 steps
 RECIPES = {
-    "auto": [],  # the default command: on documents alone, 320 lead pairs (10 steps), no model selection
-    "auto-s50": ["--mnrl_scale", "50"],  # the default at the pairs' similarity scale
-    "auto-rt10": ["--round_trip_top_k", "10"],  # the default on documents whose lead finds them (src/round_trip.py)
-    "auto-rt10-20": ["--round_trip_top_k", "10", "--max_steps", "20"],  # ... on twice the pairs
-    "auto-s100": ["--mnrl_scale", "100"],  # ... at e5's own (temperature 0.01)
-    "auto-s100-20": ["--mnrl_scale", "100", "--max_steps", "20"],  # ... at scale 100 on twice the pairs
-    "auto-hn1": ["--hard_negatives", "1"],  # the default with one mined negative per pair
-    "auto-rt10-hn1": ["--round_trip_top_k", "10", "--hard_negatives", "1"],
-    # the default's budget (10 steps of 32, no selection) on other constructions
+    "auto": [],  # the default command: on documents alone, 320 lead pairs (10 steps) at scale 100, no selection
+    "auto-s20": ["--mnrl_scale", "20"],  # the default at sentence-transformers' similarity scale (the default before)
+    "auto-s50": ["--mnrl_scale", "50"],  # ... at the pairs' scale
+    "auto-20": ["--max_steps", "20"],  # the default on twice the pairs
+    "auto-rt10": ["--mnrl_scale", "20", "--round_trip_top_k", "10"],  # scale 20, on documents whose lead finds them
+    # the default's budget (10 steps of 32, no selection) on keyword queries (scale 20, as other objectives)
     "keys-10": ["--objective", "keys", "--max_steps", "10", *NO_GUARD],
-    "lead+keys-10": ["--objective", "lead+keys", "--max_steps", "10", *NO_GUARD],
     "lead": ["--objective", "lead", *EVERY_10],  # one epoch, selected on crop pairs (the default before)
     "ict": ["--objective", "ict", *EVERY_10],
     "crop": ["--objective", "crop", *EVERY_10],

@@ -8,8 +8,8 @@ from conftest import ROOT
 
 # docs/ARCHITECTURE.md order, bottom layer first: a module may import only modules before it.
 LAYERS = ("errors settings config cli tables text preprocess noise create_dataset document_pairs retrieval_data "
-          "metrics plots provision embedding_cache model_builder tsdae hard_negatives objectives plan checkpoints "
-          "callbacks selection run_folder run_summary evaluation trainer").split()
+          "metrics plots provision embedding_cache model_builder tsdae hard_negatives round_trip objectives plan "
+          "checkpoints callbacks selection run_folder run_summary evaluation trainer").split()
 SRC = ROOT / "src"
 
 
