@@ -41,13 +41,13 @@ TEST_FOLDERS = {"ru_catalog_docs": ROOT / "data" / "ru_catalog" / "test"}  # the
 NO_GUARD = ["--select_best", "false", "--lora_scales", ""]
 EVERY_10 = ["--eval_steps", "10"]  # the recipes with model selection were measured evaluating every 10 steps
 RECIPES = {
-    "auto": [],  # the default command: on documents alone, 320 lead pairs (10 steps) at scale 100, no selection
-    "auto-s20": ["--mnrl_scale", "20"],  # the default at sentence-transformers' similarity scale (the default before)
-    "auto-s50": ["--mnrl_scale", "50"],  # ... at the pairs' scale
-    "auto-20": ["--max_steps", "20"],  # the default on twice the pairs
-    "auto-rt10": ["--mnrl_scale", "20", "--round_trip_top_k", "10"],  # scale 20, on documents whose lead finds them
-    # the default's budget (10 steps of 32, no selection) on keyword queries (scale 20, as other objectives)
-    "keys-10": ["--objective", "keys", "--max_steps", "10", *NO_GUARD],
+    "auto": [],  # the default command: on documents alone, 640 lead pairs (20 steps) at scale 100, no selection
+    "auto-320": ["--max_steps", "10"],  # ... on half the pairs
+    "auto-320-s50": ["--max_steps", "10", "--mnrl_scale", "50"],  # ... at the pairs' similarity scale
+    "auto-320-s20": ["--max_steps", "10", "--mnrl_scale", "20"],  # ... at sentence-transformers' (the default before)
+    "auto-320-s20-rt10": ["--max_steps", "10", "--mnrl_scale", "20", "--round_trip_top_k", "10"],  # round trip
+    # the budget of before (10 steps of 32, no selection) on keyword queries (scale 20, as other objectives)
+    "keys-320": ["--objective", "keys", "--max_steps", "10", *NO_GUARD],
     "lead": ["--objective", "lead", *EVERY_10],  # one epoch, selected on crop pairs (the default before)
     "ict": ["--objective", "ict", *EVERY_10],
     "crop": ["--objective", "crop", *EVERY_10],

@@ -99,7 +99,7 @@ class ModelConfig(Settings):
 @dataclass
 class TrainConfig(Settings):
     objective: str = help_field(
-        "auto: mnrl when the training file has --pair_columns, else lead on 320 pairs without selection. Or "
+        "auto: mnrl when the training file has --pair_columns, else lead on 640 pairs without selection. Or "
         "one part or several joined by '+' (e.g. tsdae+lead): mnrl: (query, document) pairs from --pair_columns; "
         "ict: a sentence of a document -> the rest; crop: two random spans of a document; lead: a document's "
         "leading line or sentence -> the rest; keys: its most distinctive words -> it; simcse: dropout-noise "

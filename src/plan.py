@@ -24,10 +24,10 @@ from src.objectives import needs_pairs, needs_texts, parts
 logger = logging.getLogger(__name__)
 
 DOCUMENTS_DEFAULT = "lead"  # what `auto` trains on documents alone: the best measured recipe
-# ... on this many pairs, with no model selection. On every development collection the held-out titles gained
-# within the first few hundred pairs, and one epoch on the largest lost up to 6 points; no label-free development
-# signal ranked checkpoints as the titles did, and selecting on crop pairs vetoed a +3 point gain.
-DOCUMENTS_PAIRS = 320
+# ... on this many pairs, with no model selection. At scale 100, 640 pairs beat 320 on five of six development
+# collections (docs/RESULTS.md); at scale 20 one epoch on the largest lost up to 6 points. No label-free
+# development signal ranked checkpoints as the held-out titles did, and selecting on crop pairs vetoed a +3 gain.
+DOCUMENTS_PAIRS = 640
 # `--learning_rate 0`: LoRA on (query, document) pairs learned more at 2e-4 than at 1e-4 (docs/RESULTS.md, the
 # catalogs); every other objective was measured at 1e-4.
 PAIRS_LEARNING_RATE, OTHER_LEARNING_RATE = 2e-4, 1e-4

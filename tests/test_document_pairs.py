@@ -266,7 +266,7 @@ def test_auto_on_documents_trains_the_measured_budget_without_selection(tmp_path
     from src.trainer import train
 
     caplog.set_level(logging.INFO)
-    monkeypatch.setattr(plan, "DOCUMENTS_PAIRS", 20)  # 3 steps of 8 pairs on this small file (the default: 320)
+    monkeypatch.setattr(plan, "DOCUMENTS_PAIRS", 20)  # 3 steps of 8 pairs on this small file (the default: 640)
     cfg = Config(data=DataConfig(train_file=str(documents_file), validation_fraction=0.1),
                  model=ModelConfig(model_name_or_path=str(tiny_xlmr), max_seq_length=48),
                  train=TrainConfig(batch_size=8, learning_rate=1e-3, save_steps=50),
@@ -304,7 +304,7 @@ def test_documents_budget_gives_way_to_a_small_file_an_explicit_max_steps_and_re
     assert catalog.eval_steps == 157  # pairs: evaluated at the epoch's end (157 steps of 32 pairs) only
     two_epochs = Config(train=TrainConfig(epochs=2))
     assert plan_run(two_epochs, ["title", "description"]).with_budget(5000, two_epochs.train).eval_steps == 157
-    assert budget.eval_steps == 3  # other objectives: four evaluations spread over the run (10 steps)
+    assert budget.eval_steps == 5  # other objectives: four evaluations spread over the run (20 steps)
     assert catalog.lora_scales == () and plan_run(Config(train=TrainConfig(objective="lead")),
                                                   ["text"]).lora_scales == (0.5,)  # auto: none for pairs
     halves = Config(train=TrainConfig(lora_scales="0.25,0.5"))
