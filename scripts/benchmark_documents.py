@@ -7,7 +7,10 @@ Each recipe is the kit's own command (`python -m src.trainer`, one subprocess pe
 its own) trained on a collection's documents alone (`data/dev/<name>/train.jsonl`: `_id` + `text`, no titles,
 no queries), then its merged model is evaluated on the collection's held-out title -> document test pairs
 (`test/`, or the bundled catalog test set), with the same evaluation code and bootstrap seed as
-`python -m src.evaluation`. The base model is encoded once per collection. Finished runs are reused (delete
+`python -m src.evaluation`. The peer recipe `st-lead` is what a user of plain sentence-transformers would do
+instead: full fine-tuning as scripts.benchmark_peer trains its peer, on the kit's own lead pairs of as many
+documents as the default trains (PEERS below), evaluated the same way. The base model is encoded once per
+collection. Finished runs are reused (delete
 a run folder to redo it), so the table can be built over several sessions.
 
 Agreement of the development signal (what model selection sees) with the test: across all runs, the rank
@@ -58,6 +61,11 @@ RECIPES = {
     "tsdae": ["--objective", "tsdae", "--learning_rate", "2e-5", "--batch_size", "8", *EVERY_10],
     "simcse": ["--objective", "simcse", "--learning_rate", "2e-5", *EVERY_10],
 }
+# What a user of plain sentence-transformers would do instead, on the same documents: scripts.benchmark_peer's peer
+# (full fine-tuning, MNRL at its scale 20, lr 5e-5, batch 32, length 128, 10% warm-up, e5 prompts) on the kit's own
+# pairs (this construction) of as many documents as the default trains (DOCUMENTS_PAIRS, one epoch).
+PEERS = {"st-lead": "lead"}
+NAMES = [*RECIPES, *PEERS]
 
 
 def collections(names: str) -> list[str]:
@@ -74,14 +82,49 @@ def test_folder(collection: str) -> Path:
     return TEST_FOLDERS.get(collection, DEV / collection / "test")
 
 
+def peer_pairs(collection: str, construction: str):
+    """The kit's `construction` pairs of DOCUMENTS_PAIRS documents of the collection, drawn with the peer's seed
+    (every document of a smaller file), as a dataset of (anchor, positive)."""
+    import numpy as np
+    from datasets import Dataset
+
+    from scripts.benchmark_peer import PEER
+    from src.document_pairs import DocumentPairs
+    from src.plan import DOCUMENTS_PAIRS
+
+    lines = (DEV / collection / "train.jsonl").read_text(encoding="utf-8").splitlines()
+    texts = [json.loads(line)["text"] for line in lines if line.strip()]
+    pairs = DocumentPairs(construction, PEER["seed"])
+    drawn = [pairs(texts[i], int(i)) for i in np.random.default_rng(PEER["seed"]).permutation(len(texts))]
+    return Dataset.from_dict({"anchor": [q for q, _ in drawn[:DOCUMENTS_PAIRS]],
+                              "positive": [d for _, d in drawn[:DOCUMENTS_PAIRS]]})
+
+
+def train_peer_run(collection: str, recipe: str, folder: Path) -> None:
+    """A peer recipe's training (its own process): the model in `folder`/model, its record in run.json."""
+    from scripts.benchmark_peer import PEER_COMMAND, train_peer
+
+    folder.mkdir(parents=True, exist_ok=True)
+    record = train_peer(peer_pairs(collection, PEERS[recipe]), folder, threads=0)  # threads: OMP_NUM_THREADS
+    record["objective"] = f"{PEERS[recipe]}, {PEER_COMMAND}"
+    (folder / "run.json").write_text(json.dumps(record, indent=2) + "\n")
+
+
+def train_command(collection: str, recipe: str, folder: Path, monitor: bool) -> list[str]:
+    if recipe in PEERS:
+        return [sys.executable, "-m", "scripts.benchmark_documents", "--peer_run", recipe, "--collections",
+                collection, "--output_dir", str(folder)]
+    # the monitor needs model selection: the default (auto) and the recipes with --select_best false have none
+    selects = "--select_best" not in RECIPES[recipe] and not recipe.startswith("auto")
+    watch = ["--monitor_data", str(test_folder(collection))] if monitor and selects else []
+    return [sys.executable, "-m", "src.trainer", "--train_file", str(DEV / collection / "train.jsonl"),
+            "--eval_data", "", "--output_dir", str(folder), "--overwrite", *RECIPES[recipe], *watch]
+
+
 def train(collection: str, recipe: str, folder: Path, monitor: bool) -> dict:
-    """The kit's command for one recipe on one collection's documents; its run.json."""
+    """The kit's command (or a peer's training) for one recipe on one collection's documents; its run.json."""
     if not (folder / "run.json").exists():
-        # the monitor needs model selection: the default (auto) and the recipes with --select_best false have none
-        selects = "--select_best" not in RECIPES[recipe] and not recipe.startswith("auto")
-        watch = ["--monitor_data", str(test_folder(collection))] if monitor and selects else []
-        command = [sys.executable, "-m", "src.trainer", "--train_file", str(DEV / collection / "train.jsonl"),
-                   "--eval_data", "", "--output_dir", str(folder), "--overwrite", *RECIPES[recipe], *watch]
+        command = train_command(collection, recipe, folder, monitor)
         print(f"--- {collection} / {recipe}: {' '.join(command[1:])}", flush=True)
         subprocess.run(command, cwd=ROOT, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     return json.loads((folder / "run.json").read_text())
@@ -120,7 +163,7 @@ def evaluate(collection: str, recipe: str, folder: Path, data, base, cfg: EvalCo
     if cache.exists():
         return json.loads(cache.read_text())
     run = train(collection, recipe, folder, monitor)
-    result = evaluate_model(load_model(str(folder / "merged")), data, cfg)
+    result = evaluate_model(load_model(str(folder / ("model" if recipe in PEERS else "merged"))), data, cfg)
     c = compare(result["per_query"], base, cfg.bootstrap_samples, seed=0)
     row = {"collection": collection, "recipe": recipe, "objective": run["objective"],
            "ndcg@10": 100 * result["metrics"][MAIN_METRIC], "base": 100 * float(base[MAIN_METRIC].mean()),
@@ -129,7 +172,8 @@ def evaluate(collection: str, recipe: str, folder: Path, data, base, cfg: EvalCo
            "peak_memory_gb": run.get("peak_memory_gb"), "selected_step": (run.get("selected") or {}).get("step"),
            "steps": run["steps"], "lora_scale": run.get("lora_scale"), "dev_gain": dev_gain(run),
            "checkpoint_gains": [[100 * d, 100 * t] for d, t in checkpoint_gains(run)],
-           "command": "python -m src.trainer --train_file data/dev/" + collection + "/train.jsonl "
+           "command": f"python -m scripts.benchmark_documents --recipes {recipe}" if recipe in PEERS else
+                      "python -m src.trainer --train_file data/dev/" + collection + "/train.jsonl "
                       + " ".join(repr(a) if not a else a for a in RECIPES[recipe])}
     cache.write_text(json.dumps(row, indent=2) + "\n")
     return row
@@ -138,8 +182,8 @@ def evaluate(collection: str, recipe: str, folder: Path, data, base, cfg: EvalCo
 def finished_rows(out: Path) -> list[dict]:
     """Every finished run under `out`, this invocation's and earlier ones', so the table grows across sessions."""
     rows = [json.loads(p.read_text()) for p in out.glob("*/*/benchmark_row.json")]
-    rows = [r for r in rows if r["recipe"] in RECIPES]
-    return sorted(rows, key=lambda r: (r["collection"], list(RECIPES).index(r["recipe"])))
+    rows = [r for r in rows if r["recipe"] in NAMES]
+    return sorted(rows, key=lambda r: (r["collection"], NAMES.index(r["recipe"])))
 
 
 def spearman(points: list) -> tuple[float | None, int]:
@@ -180,7 +224,7 @@ def markdown(rows: list[dict], agreement: dict) -> str:
               "|---" * (len(names) + 3) + "|"]
     lines += [f"| {k} | " + " | ".join(cell.get((k, n), "-") for n in names)
               + f" | {mean_difference(v)} ({len(v)}) | {min(r['difference'] for r in v):+.2f} |"
-              for k, v in sorted(by_recipe.items(), key=lambda kv: list(RECIPES).index(kv[0]))]
+              for k, v in sorted(by_recipe.items(), key=lambda kv: NAMES.index(kv[0]))]
     for what, (rho, n) in agreement.items():
         lines += ["", f"Development gain vs test gain, Spearman rho over {n} {what}: "
                   + (f"{rho:+.2f}" if rho is not None else "n/a (fewer than 3)")]
@@ -190,15 +234,18 @@ def markdown(rows: list[dict], agreement: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--collections", default="", help="comma-separated names under data/dev/ ('' = all)")
-    parser.add_argument("--recipes", default=",".join(RECIPES), help=f"comma-separated, of: {', '.join(RECIPES)}")
+    parser.add_argument("--recipes", default=",".join(RECIPES), help=f"comma-separated, of: {', '.join(NAMES)}")
     parser.add_argument("--output_dir", default="runs/bench-documents")
     parser.add_argument("--monitor", action="store_true", help="score the test at every development evaluation of "
                         "each run (slower), for the agreement over checkpoints")
+    parser.add_argument("--peer_run", choices=list(PEERS), help=argparse.SUPPRESS)  # a peer's training process
     args = parser.parse_args()
+    if args.peer_run:
+        return train_peer_run(args.collections, args.peer_run, Path(args.output_dir))
     recipes = comma_list(args.recipes)
-    unknown = [r for r in recipes if r not in RECIPES]
+    unknown = [r for r in recipes if r not in NAMES]
     if unknown:
-        sys.exit(f"error: unknown recipe '{unknown[0]}' (have: {', '.join(RECIPES)})")
+        sys.exit(f"error: unknown recipe '{unknown[0]}' (have: {', '.join(NAMES)})")
     out, cfg = ROOT / args.output_dir, EvalConfig()
     for collection in collections(args.collections):
         data = load_retrieval_data(str(test_folder(collection)))

@@ -77,8 +77,9 @@ def peer_dataset(path: Path):
     return Dataset.from_dict({"anchor": [r["title"] for r in rows], "positive": [r["description"] for r in rows]})
 
 
-def train_peer(catalog: str, folder: Path, threads: int) -> dict:
-    """Plain sentence-transformers full fine-tuning, as its documentation trains an e5 model on pairs."""
+def train_peer(dataset, folder: Path, threads: int) -> dict:
+    """Plain sentence-transformers full fine-tuning on (anchor, positive) pairs, as its documentation trains an e5
+    model; saved to `folder`/model."""
     import torch
     from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
     from sentence_transformers.base.sampler import BatchSamplers
@@ -100,7 +101,7 @@ def train_peer(catalog: str, folder: Path, threads: int) -> dict:
         warmup_steps=PEER["warmup_ratio"], batch_sampler=BatchSamplers.NO_DUPLICATES, use_cpu=True,
         prompts={"anchor": model.prompts["query"], "positive": model.prompts["passage"]},
         save_strategy="no", logging_steps=10, report_to="none")
-    trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=peer_dataset(train_file(catalog)),
+    trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=dataset,
                                          loss=MultipleNegativesRankingLoss(model))
     result = trainer.train()
     model.max_seq_length = own_length  # trained at 128, saved with the base's own length, as the kit saves
@@ -285,7 +286,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     out = Path(args.output_dir)
     if args.one == "peer":
-        record = train_peer(comma_list(args.catalogs)[0], out, args.threads)
+        record = train_peer(peer_dataset(train_file(comma_list(args.catalogs)[0])), out, args.threads)
         (out / "peer.json").write_text(json.dumps(record, indent=2) + "\n")
         return
     import torch

@@ -176,7 +176,7 @@ class EmbeddingCache:
     """Cached embeddings of one model, loaded from `folder` and configured (max_seq_length) for an evaluation."""
 
     def __init__(self, model, folder: Path, batch_size: int, bf16: bool, root: Path | None = None):
-        self.model, self.folder = model, Path(folder).resolve()
+        self.model, self.folder, self.bf16 = model, Path(folder).resolve(), bf16  # how its entries are encoded
         self.root = Path(root) if root is not None else cache_folder()
         self.parts, self.limit = model_parts(model, self.folder, batch_size, bf16), size_limit()
 

@@ -112,7 +112,8 @@ def evaluate_model(model, data: RetrievalData, cfg: EvalConfig, use_prompts: boo
     """Encode (or read from `cache`), search, score: per-query metrics, means, throughput (None where the
     documents' embeddings were read from the cache), and diagnostics for one model."""
     query_prompt, doc_prompt = prompt_names(model) if use_prompts else (None, None)
-    doc_ids, query_ids, bf16 = list(data.corpus), sorted(data.qrels), encoding_bf16(model, cfg.eval_bf16)
+    doc_ids, query_ids = list(data.corpus), sorted(data.qrels)
+    bf16 = cache.bf16 if cache is not None else encoding_bf16(model, cfg.eval_bf16)  # encoded as its key says
     doc_emb, doc_rate = encode(model, [data.corpus[d] for d in doc_ids], doc_prompt, cfg.eval_batch_size, cache,
                                bf16)
     query_emb, query_rate = encode(model, [data.queries[q] for q in query_ids], query_prompt, cfg.eval_batch_size,

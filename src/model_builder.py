@@ -63,15 +63,16 @@ def _check_weights(path: Path, cfg: ModelConfig) -> None:
                        f"pass --allow_pickle if you trust the source")
 
 
-def _model_type(path: Path) -> str:
+def encoder_config(path: Path) -> dict:
+    """config.json of a supported encoder folder, or a one-line error saying why the folder is not one."""
     config_file = path / "config.json"
     if not config_file.exists():
         raise KitError(f"model {path}: no config.json, so it is not a Hugging Face encoder folder")
-    model_type = json.loads(config_file.read_text(encoding="utf-8")).get("model_type", "")
-    if model_type not in SUPPORTED_TYPES:
-        raise KitError(f"model {path}: model_type '{model_type}' is not a supported encoder "
+    config = json.loads(config_file.read_text(encoding="utf-8"))
+    if config.get("model_type", "") not in SUPPORTED_TYPES:
+        raise KitError(f"model {path}: model_type '{config.get('model_type', '')}' is not a supported encoder "
                        f"({', '.join(SUPPORTED_TYPES)})")
-    return model_type
+    return config
 
 
 # --precision auto. 4-bit keeps the encoder layers' projection weights in an eighth of their fp32 bytes, and
@@ -85,7 +86,7 @@ QUANTIZE_FROM = 100_000_000
 def projection_weights(path: Path) -> int:
     """Weights of the encoder layers' linear projections, from config.json (BERT/XLM-R: query, key, value and
     attention output, and the two feed-forward matrices)."""
-    config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    config = encoder_config(path)
     hidden, inner = config["hidden_size"], config["intermediate_size"]
     return config["num_hidden_layers"] * (4 * hidden * hidden + 2 * hidden * inner)
 
@@ -94,9 +95,7 @@ def resolve_precision(cfg: ModelConfig) -> str:
     """--precision as the run trains: `auto` -> nf4 from QUANTIZE_FROM projection weights, else none."""
     if cfg.precision != "auto":
         return cfg.precision
-    path = resolve_model(cfg.model_name_or_path)
-    _model_type(path)
-    weights = projection_weights(path)
+    weights = projection_weights(resolve_model(cfg.model_name_or_path))
     precision = "nf4" if weights >= QUANTIZE_FROM else "none"
     logger.info("precision auto -> %s: %.0fM projection weights in the encoder layers (4-bit from %.0fM)", precision,
                 weights / 1e6, QUANTIZE_FROM / 1e6)
@@ -128,7 +127,7 @@ def load_sentence_transformer(cfg: ModelConfig, device: str = "cpu", quantize: b
     if (path / "adapter_config.json").exists():
         raise KitError(f"model {path} is a LoRA adapter; train from its base model instead")
     _check_weights(path, cfg)
-    _model_type(path)
+    encoder_config(path)
     model_kwargs = {"use_safetensors": not cfg.allow_pickle}
     if quantize:
         model_kwargs.update(quantization_config=quantization_config(device), device_map=device)

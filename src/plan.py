@@ -81,7 +81,8 @@ class RunPlan:
     def with_budget(self, examples: int, train: TrainConfig, world: int = 1) -> "RunPlan":
         """The steps, once the training examples (texts or pairs) are counted: the documents recipe trains as many
         as DOCUMENTS_PAIRS pairs take, at most --epochs over a smaller file (an explicit --max_steps wins); and
-        `--eval_steps 0` evaluates pairs at each epoch's end, other objectives DEV_EVALUATIONS times a run."""
+        `--eval_steps 0` evaluates pairs at each epoch's end, other objectives DEV_EVALUATIONS times a run (the
+        documents recipe: never)."""
         per_step = examples_per_step(train, world)
         max_steps = self.max_steps
         if self.documents_recipe and not max_steps and DOCUMENTS_PAIRS < examples * train.epochs:
@@ -89,7 +90,9 @@ class RunPlan:
         epoch = math.ceil(examples / per_step)
         steps = max_steps or math.ceil(epoch * train.epochs)
         spread = epoch if self.objective == "mnrl" else max(1, math.ceil(steps / DEV_EVALUATIONS))
-        return dataclasses.replace(self, max_steps=max_steps, eval_steps=train.eval_steps or spread)
+        # the documents recipe neither selects nor monitors: nothing is evaluated during its training
+        eval_steps = 0 if self.documents_recipe else train.eval_steps or spread
+        return dataclasses.replace(self, max_steps=max_steps, eval_steps=eval_steps)
 
 
 def examples_per_step(train: TrainConfig, world: int) -> int:

@@ -304,7 +304,9 @@ def test_documents_budget_gives_way_to_a_small_file_an_explicit_max_steps_and_re
     assert catalog.eval_steps == 157  # pairs: evaluated at the epoch's end (157 steps of 32 pairs) only
     two_epochs = Config(train=TrainConfig(epochs=2))
     assert plan_run(two_epochs, ["title", "description"]).with_budget(5000, two_epochs.train).eval_steps == 157
-    assert budget.eval_steps == 5  # other objectives: four evaluations spread over the run (20 steps)
+    assert budget.eval_steps == 0  # the documents default evaluates nothing while it trains
+    lead_budget = plan_run(Config(train=TrainConfig(objective="lead", max_steps=20)), ["text"])
+    assert lead_budget.with_budget(5000, TrainConfig()).eval_steps == 5  # others: four evaluations over 20 steps
     assert catalog.lora_scales == () and plan_run(Config(train=TrainConfig(objective="lead")),
                                                   ["text"]).lora_scales == (0.5,)  # auto: none for pairs
     halves = Config(train=TrainConfig(lora_scales="0.25,0.5"))

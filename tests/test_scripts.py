@@ -1,6 +1,7 @@
 """Every script runs as a module from the repository root: `python -m scripts.<name> --help` imports it and
-parses its options (nothing is built, trained or downloaded)."""
+parses its options (nothing is built, trained or downloaded); and what a benchmark compares is what it says."""
 
+import json
 import os
 import subprocess
 import sys
@@ -24,3 +25,19 @@ def test_script_runs_as_a_module(name):
                           text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "usage" in proc.stdout
+
+
+def test_the_documents_peer_trains_the_kits_own_pairs_at_the_defaults_budget():
+    """benchmark_documents' st-lead: plain sentence-transformers gets the kit's lead pairs, as many as the default
+    trains (every document of a smaller collection), each document at most once."""
+    from scripts.benchmark_documents import DEV, peer_pairs
+    from src.document_pairs import DocumentPairs
+    from src.plan import DOCUMENTS_PAIRS
+
+    lines = (DEV / "en_anarchist_faq" / "train.jsonl").read_text(encoding="utf-8").splitlines()
+    texts = [json.loads(line)["text"] for line in lines if line.strip()]
+    lead = DocumentPairs("lead", 0)
+    small = peer_pairs("en_anarchist_faq", "lead")
+    assert len(texts) < DOCUMENTS_PAIRS and len(small) == len(texts)
+    assert sorted(zip(small["anchor"], small["positive"])) == sorted(lead(t, i) for i, t in enumerate(texts))
+    assert len(peer_pairs("en_python_doc", "lead")) == DOCUMENTS_PAIRS  # 872 documents
