@@ -46,6 +46,8 @@ EVERY_10 = ["--eval_steps", "10"]  # the recipes with model selection were measu
 RECIPES = {
     "auto": [],  # the default command: on documents alone, 640 lead pairs (20 steps) at scale 100, no selection
     "auto-320": ["--max_steps", "10"],  # ... on half the pairs
+    "auto-960": ["--max_steps", "30"],  # ... on half as many again
+    "auto-hn1": ["--hard_negatives", "1"],  # ... each pair with one negative mined by the base model
     "auto-320-s50": ["--max_steps", "10", "--mnrl_scale", "50"],  # ... at the pairs' similarity scale
     "auto-320-s20": ["--max_steps", "10", "--mnrl_scale", "20"],  # ... at sentence-transformers' (the default before)
     "auto-320-s20-rt10": ["--max_steps", "10", "--mnrl_scale", "20", "--round_trip_top_k", "10"],  # round trip
