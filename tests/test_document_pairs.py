@@ -285,7 +285,7 @@ def test_auto_on_documents_trains_the_measured_budget_without_selection(tmp_path
     assert "no model selection, nothing held out" in caplog.text and (folder / "merged").is_dir()
 
 
-def test_documents_budget_gives_way_to_a_small_file_an_explicit_max_steps_and_refuses_a_monitor():
+def test_documents_budget_repeats_a_small_file_gives_way_to_max_steps_and_refuses_a_monitor():
     from src.config import Config
     from src.plan import DOCUMENTS_PAIRS, plan_run
 
@@ -296,7 +296,8 @@ def test_documents_budget_gives_way_to_a_small_file_an_explicit_max_steps_and_re
     budget, cfg = planned()
     assert (budget.max_steps, budget.select_best, budget.lora_scales) == (DOCUMENTS_PAIRS // 32, False, ())
     assert (budget.holdout_fraction, cfg.train.max_steps, cfg.train.select_best) == (0.0, 0, True)  # not rewritten
-    assert planned(texts=DOCUMENTS_PAIRS - 1)[0].max_steps == 0  # fewer texts than the budget: one epoch
+    assert planned(texts=301)[0].max_steps == DOCUMENTS_PAIRS // 32  # fewer texts: the same pairs again (2.1x)
+    assert planned(texts=100)[0].max_steps == 10  # ... at most DOCUMENTS_MAX_EPOCHS (3) passes: 300 pairs
     assert planned(max_steps=7)[0].max_steps == 7
     catalog = plan_run(Config(), ["title", "description", "text"]).with_budget(5000, TrainConfig())
     assert (catalog.objective, catalog.select_best, catalog.holdout_fraction, catalog.max_steps) == (
