@@ -97,9 +97,9 @@ def peer_pairs(collection: str, construction: str):
     lines = (DEV / collection / "train.jsonl").read_text(encoding="utf-8").splitlines()
     texts = [json.loads(line)["text"] for line in lines if line.strip()]
     pairs = DocumentPairs(construction, PEER["seed"])
-    drawn = [pairs(texts[i], int(i)) for i in np.random.default_rng(PEER["seed"]).permutation(len(texts))]
-    return Dataset.from_dict({"anchor": [q for q, _ in drawn[:DOCUMENTS_PAIRS]],
-                              "positive": [d for _, d in drawn[:DOCUMENTS_PAIRS]]})
+    chosen = np.random.default_rng(PEER["seed"]).permutation(len(texts))[:DOCUMENTS_PAIRS]
+    drawn = [pairs(texts[i], int(i)) for i in chosen]
+    return Dataset.from_dict({"anchor": [q for q, _ in drawn], "positive": [d for _, d in drawn]})
 
 
 def train_peer_run(collection: str, recipe: str, folder: Path) -> None:
