@@ -23,6 +23,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Callable
 
+import numpy as np
 import torch
 from sentence_transformers import SentenceTransformer
 from sentence_transformers.base.losses.merged_forward import embed_columns
@@ -35,6 +36,7 @@ from src.config import DOCUMENT_CONSTRUCTIONS, NoiseConfig, TrainConfig
 from src.create_dataset import TrainingData, pairs_dataset
 from src.document_pairs import DocumentPairs, document_pairs_dataset
 from src.hard_negatives import with_hard_negatives
+from src.model_builder import world_size
 from src.noise import WordNoise, noisy_dataset
 from src.round_trip import round_trip_filter
 from src.tsdae import TSDAELoss, corpus_vocabulary
@@ -145,6 +147,20 @@ def build_mnrl(train: TrainConfig, noise: NoiseConfig, model, data: TrainingData
                      contrastive_loss(train, model), query_passage_prompts(prompts, dataset.column_names))
 
 
+def within_budget(documents, train: TrainConfig) -> list[int]:
+    """The documents a run with mined negatives trains on: with a fixed number of steps (the documents default, or
+    --max_steps), a seeded sample of as many as those steps take, so that mining (the base model encoding every
+    candidate and query) costs a fixed share of the training however large the file; otherwise all of them."""
+    documents = list(documents)
+    budget = train.max_steps * train.batch_size * train.gradient_accumulation_steps * world_size()
+    if not budget or budget >= len(documents):
+        return documents
+    rng = np.random.default_rng(train.seed_for("negatives"))
+    logger.info("hard negatives: mined among the %d documents the run's %d steps train on, of %d", budget,
+                train.max_steps, len(documents))
+    return [documents[i] for i in np.sort(rng.choice(len(documents), size=budget, replace=False))]
+
+
 def document_part(kind: str) -> Callable:
     def build(train: TrainConfig, noise: NoiseConfig, model, data: TrainingData, prompts: dict) -> Objective:
         pairs = DocumentPairs(kind, train.seed_for("train"), data.texts)
@@ -153,7 +169,7 @@ def document_part(kind: str) -> Callable:
         indices = (round_trip_filter(model, data.texts, pairs, train.round_trip_top_k, prompts,
                                      train.seed_for("train")) if train.round_trip_top_k else None)
         if train.hard_negatives:  # mined for the first epoch's pairs, which then repeat every epoch
-            chosen = range(len(data.texts)) if indices is None else indices
+            chosen = within_budget(range(len(data.texts)) if indices is None else indices, train)
             dataset = with_hard_negatives(model, [pairs(data.texts[i], i) for i in chosen], train, prompts)
         else:
             dataset = document_pairs_dataset(data.texts, pairs, indices)

@@ -112,8 +112,8 @@ def build_trainer(cfg: Config, plan: RunPlan, model, data: TrainingData, folder:
     """The objective's datasets and loss, model selection (with the monitor) and the kit's callbacks, in one
     trainer."""
     t = cfg.train
-    objective = build_objective(plan.objective, dataclasses.replace(t, mnrl_scale=plan.mnrl_scale), cfg.noise, model,
-                                data)
+    resolved = dataclasses.replace(t, mnrl_scale=plan.mnrl_scale, max_steps=plan.max_steps)  # as the plan decided
+    objective = build_objective(plan.objective, resolved, cfg.noise, model, data)
     if objective.decoder is not None:
         # Registered under the Transformer module, so data-parallel wrappers see (and all-reduce) its weights
         # and the checkpoints include them.

@@ -113,3 +113,21 @@ def test_pairs_from_documents_train_with_mined_negatives_from_other_documents(ti
         assert {row["negative_1"], row["negative_2"]} <= positives  # other documents' (lead-stripped) bodies
     assert built.prompts["negative_2"] == built.prompts["positive"] == "passage: "
     assert built.prompts["anchor"] == "query: "
+
+
+def test_mined_document_pairs_with_fixed_steps_are_drawn_for_the_documents_those_steps_train(tiny_xlmr):
+    from src.config import NoiseConfig
+    from src.create_dataset import TrainingData
+    from src.model_builder import build_model
+    from src.objectives import build_objective, within_budget
+
+    texts = read_texts(RU_TRAIN, 60)
+    model = build_model(ModelConfig(model_name_or_path=str(tiny_xlmr), precision="none"))
+    train = TrainConfig(hard_negatives=1, mnrl_scale=20, max_steps=2, batch_size=8)
+    rows = build_objective("lead", train, NoiseConfig(), model, TrainingData(texts, [])).train_dataset
+    assert len(rows) == 16 and len(set(rows["positive"])) == 16  # 2 steps of 8, mined among those 16 only
+    assert set(rows["negative_1"]) <= set(rows["positive"])
+    chosen = within_budget(range(60), train)
+    assert chosen == sorted(chosen) and len(set(chosen)) == 16 and chosen == within_budget(range(60), train)
+    assert within_budget(range(10), train) == list(range(10))  # a smaller file: every document
+    assert within_budget(range(60), TrainConfig(hard_negatives=1)) == list(range(60))  # epochs: every document
