@@ -2,6 +2,7 @@
 
     python -m scripts.benchmark_documents                              # the whole table (hours on 2 CPU cores)
     python -m scripts.benchmark_documents --collections ru_catalog_docs --recipes auto,ict
+    python -m scripts.benchmark_documents --recipes auto,auto-hn1 --against auto   # + their paired difference
 
 Each recipe is the kit's own command (`python -m src.trainer`, one subprocess per run, so its peak memory is
 its own) trained on a collection's documents alone (`data/dev/<name>/train.jsonl`: `_id` + `text`, no titles,
@@ -18,7 +19,9 @@ correlation (Spearman) of the development gain (selected or final development nD
 held-out test gain; with --monitor, each run also scores the test at every development evaluation
 (`--monitor_data`, never selected on), and the rank correlation of development and test gains over every
 evaluated checkpoint of every run is reported too. Writes results.json and results.md to --output_dir, with every
-finished run found there (this invocation's and earlier ones'), and prints the table.
+finished run found there (this invocation's and earlier ones'), and prints the table. Each run keeps its per-query
+scores (per_query.json), so that two recipes can be compared paired over the same queries (`--against`): rows
+compared only with the base cannot tell two recipes apart within a point or two.
 """
 
 from __future__ import annotations
@@ -132,16 +135,24 @@ def train(collection: str, recipe: str, folder: Path, monitor: bool) -> dict:
     return json.loads((folder / "run.json").read_text())
 
 
-def base_result(collection: str, data, cfg: EvalConfig, folder: Path) -> dict:
-    """The base model's per-query metrics on a collection, encoded once and kept in `folder`."""
+def per_query(model_path: str, data, cfg: EvalConfig, cache: Path) -> dict:
+    """A model's per-query metrics on a collection's test, encoded once and kept in `cache` (JSON)."""
     import numpy as np
 
-    cache = folder / "base_per_query.json"
     if not cache.exists():
-        result = evaluate_model(load_model("intfloat/multilingual-e5-small"), data, cfg)
-        folder.mkdir(parents=True, exist_ok=True)
+        result = evaluate_model(load_model(model_path), data, cfg)
+        cache.parent.mkdir(parents=True, exist_ok=True)
         cache.write_text(json.dumps({m: v.tolist() for m, v in result["per_query"].items()}))
     return {m: np.array(v) for m, v in json.loads(cache.read_text()).items()}
+
+
+def base_result(collection: str, data, cfg: EvalConfig, folder: Path) -> dict:
+    return per_query("intfloat/multilingual-e5-small", data, cfg, folder / "base_per_query.json")
+
+
+def run_result(recipe: str, folder: Path, data, cfg: EvalConfig) -> dict:
+    """A finished run's per-query metrics (its saved model encoded once, for runs from before they were kept)."""
+    return per_query(str(folder / ("model" if recipe in PEERS else "merged")), data, cfg, folder / "per_query.json")
 
 
 def dev_gain(run: dict) -> float | None:
@@ -165,12 +176,13 @@ def evaluate(collection: str, recipe: str, folder: Path, data, base, cfg: EvalCo
     if cache.exists():
         return json.loads(cache.read_text())
     run = train(collection, recipe, folder, monitor)
-    result = evaluate_model(load_model(str(folder / ("model" if recipe in PEERS else "merged"))), data, cfg)
-    c = compare(result["per_query"], base, cfg.bootstrap_samples, seed=0)
+    scores = run_result(recipe, folder, data, cfg)
+    c = compare(scores, base, cfg.bootstrap_samples, seed=0)
     row = {"collection": collection, "recipe": recipe, "objective": run["objective"],
-           "ndcg@10": 100 * result["metrics"][MAIN_METRIC], "base": 100 * float(base[MAIN_METRIC].mean()),
+           "ndcg@10": 100 * float(scores[MAIN_METRIC].mean()), "base": 100 * float(base[MAIN_METRIC].mean()),
            "difference": 100 * c[MAIN_METRIC]["difference"], "ci95": [100 * x for x in c[MAIN_METRIC]["ci95"]],
            "p_value": c[MAIN_METRIC]["p_value"], "verdict": verdict(c), "train_seconds": run["train_seconds"],
+           "total_seconds": run.get("total_seconds"),  # the whole command: loading, mining, training, saving
            "peak_memory_gb": run.get("peak_memory_gb"), "selected_step": (run.get("selected") or {}).get("step"),
            "steps": run["steps"], "lora_scale": run.get("lora_scale"), "dev_gain": dev_gain(run),
            "checkpoint_gains": [[100 * d, 100 * t] for d, t in checkpoint_gains(run)],
@@ -179,6 +191,22 @@ def evaluate(collection: str, recipe: str, folder: Path, data, base, cfg: EvalCo
                       + " ".join(repr(a) if not a else a for a in RECIPES[recipe])}
     cache.write_text(json.dumps(row, indent=2) + "\n")
     return row
+
+
+def paired(rows: list[dict], recipes: list[str], against: str, out: Path, cfg: EvalConfig) -> str:
+    """Each of `recipes` minus `against`, paired over the same test queries, on each collection both ran: the
+    interval of a difference between two recipes, which their separate comparisons with the base cannot give."""
+    lines = [f"| collection | recipe | minus {against}, nDCG@10 [95% CI] | p | verdict |", "|---|---|---|---|---|"]
+    finished = {(r["collection"], r["recipe"]) for r in rows}
+    for collection in sorted({c for c, r in finished if r == against}):
+        data = load_retrieval_data(str(test_folder(collection)))
+        reference = run_result(against, out / collection / against, data, cfg)
+        for recipe in [n for n in recipes if n != against and (collection, n) in finished]:
+            c = compare(run_result(recipe, out / collection / recipe, data, cfg), reference, cfg.bootstrap_samples, 0)
+            low, high = (100 * x for x in c[MAIN_METRIC]["ci95"])
+            lines.append(f"| {collection} | {recipe} | {100 * c[MAIN_METRIC]['difference']:+.2f} [{low:+.2f}, "
+                         f"{high:+.2f}] | {c[MAIN_METRIC]['p_value']:.3f} | {verdict(c)} |")
+    return "\n".join(lines) + "\n"
 
 
 def finished_rows(out: Path) -> list[dict]:
@@ -208,13 +236,13 @@ def mean_difference(rows: list[dict]) -> str:
 
 def markdown(rows: list[dict], agreement: dict) -> str:
     lines = ["| collection | recipe | nDCG@10 | base | difference [95% CI] | verdict | selected step / steps | "
-             "adapter scale | train s | peak GB |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "adapter scale | train s | run s | peak GB |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['collection']} | {r['recipe']} ({r['objective']}) | {r['ndcg@10']:.2f} | "
                      f"{r['base']:.2f} | "
                      f"{r['difference']:+.2f} [{r['ci95'][0]:+.2f}, {r['ci95'][1]:+.2f}] | {r['verdict']} | "
                      f"{'last' if r['selected_step'] is None else r['selected_step']} / {r['steps']} | "
-                     f"{r['lora_scale']} | {r['train_seconds']:.0f} | "
+                     f"{r['lora_scale']} | {r['train_seconds']:.0f} | {r.get('total_seconds') or '-'} | "
                      f"{r['peak_memory_gb']} |")
     by_recipe = {}
     for r in rows:
@@ -240,6 +268,9 @@ def main() -> None:
     parser.add_argument("--output_dir", default="runs/bench-documents")
     parser.add_argument("--monitor", action="store_true", help="score the test at every development evaluation of "
                         "each run (slower), for the agreement over checkpoints")
+    parser.add_argument("--against", choices=NAMES, help="also compare the recipes with this one, paired over "
+                        "the same queries (paired-<recipe>.md; runs from before per-query scores were kept are "
+                        "encoded again)")
     parser.add_argument("--peer_run", choices=list(PEERS), help=argparse.SUPPRESS)  # a peer's training process
     args = parser.parse_args()
     if args.peer_run:
@@ -262,6 +293,10 @@ def main() -> None:
     (out / "results.json").write_text(json.dumps({"rows": rows, "spearman_dev_vs_test": agreement}, indent=2) + "\n")
     (out / "results.md").write_text(markdown(rows, agreement))
     print(markdown(rows, agreement))
+    if args.against:
+        table = paired(rows, recipes, args.against, out, cfg)
+        (out / f"paired-{args.against}.md").write_text(table)
+        print(table)
 
 
 if __name__ == "__main__":

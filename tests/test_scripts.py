@@ -41,3 +41,25 @@ def test_the_documents_peer_trains_the_kits_own_pairs_at_the_defaults_budget():
     assert len(texts) < DOCUMENTS_PAIRS and len(small) == len(texts)
     assert sorted(zip(small["anchor"], small["positive"])) == sorted(lead(t, i) for i, t in enumerate(texts))
     assert len(peer_pairs("en_python_doc", "lead")) == DOCUMENTS_PAIRS  # 872 documents
+
+
+def test_two_documents_recipes_are_compared_paired_over_the_same_queries(tmp_path):
+    """benchmark_documents --against: a recipe minus another, from the per-query scores each run keeps."""
+    import numpy as np
+
+    from scripts.benchmark_documents import paired
+    from src.config import EvalConfig
+    from src.metrics import METRICS
+
+    queries = 300  # en_anarchist_faq's test queries
+    rng = np.random.default_rng(0)
+    reference = {m: rng.uniform(0.2, 0.8, queries) for m in METRICS}
+    better = {m: v + 0.05 for m, v in reference.items()}  # five points higher on every query
+    for recipe, scores in (("auto", reference), ("auto-hn1", better)):
+        folder = tmp_path / "en_anarchist_faq" / recipe
+        folder.mkdir(parents=True)
+        (folder / "per_query.json").write_text(json.dumps({m: v.tolist() for m, v in scores.items()}))
+    rows = [{"collection": "en_anarchist_faq", "recipe": r} for r in ("auto", "auto-hn1")]
+    table = paired(rows, ["auto", "auto-hn1", "auto-960"], "auto", tmp_path, EvalConfig())
+    assert "| en_anarchist_faq | auto-hn1 | +5.00 [+5.00, +5.00] | 0.000 | better |" in table
+    assert table.count("| en_anarchist_faq |") == 1  # auto-960 has no run: no row, nothing encoded
