@@ -17,6 +17,7 @@ run) and renamed to `<output_dir>/` only when everything is written:
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import logging
 import time
@@ -218,6 +219,14 @@ def train_model(cfg: Config, plan: RunPlan, data: TrainingData, folder: Path, de
     return trainer, result, selection.finish(trainer) if selection is not None else dict(NO_SELECTION)
 
 
+def free_memory(device: str) -> None:
+    """Collect the training model, its optimizer state and batches (reference cycles included) before the
+    evaluation loads the saved model, so that the evaluation's peak is its own, not added to the training's."""
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+
+
 def train(cfg: Config) -> Path:
     started = time.time()
     set_seed(cfg.train.seed)
@@ -234,6 +243,8 @@ def train(cfg: Config) -> Path:
     summary = run_record(cfg, plan, data, trainer, result, selection, device)
     write_outputs(cfg, plan, folder, trainer, summary)
     summary["peak_memory_gb"] = peak_memory_gb(device)  # after saving: the merge into a full-precision base counts
+    del trainer, result
+    free_memory(device)
     if eval_data is not None:
         summary["evaluation"] = evaluate_run(cfg.eval, cfg.model.model_name_or_path, cfg.output.output_dir, folder,
                                              eval_data)

@@ -81,11 +81,23 @@ def hurtful_run(tmp_path, e5_cache, pairs, select_best):
     return cfg
 
 
-def test_guard_reports_a_run_built_to_hurt_as_worse(tmp_path, e5_cache, small_test_pairs, caplog):
-    from src.trainer import train
+def test_guard_reports_a_run_built_to_hurt_as_worse_after_freeing_the_training_state(tmp_path, e5_cache,
+                                                                                     small_test_pairs, caplog,
+                                                                                     monkeypatch):
+    import gc
 
+    import src.trainer as trainer_module
+
+    alive, evaluate_run = [], trainer_module.evaluate_run
+
+    def counting_evaluate_run(*args, **kwargs):  # trainers alive when the evaluation starts
+        alive.append(sum(isinstance(o, trainer_module.KitTrainer) for o in gc.get_objects()))
+        return evaluate_run(*args, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "evaluate_run", counting_evaluate_run)
     with caplog.at_level(logging.WARNING):
-        folder = train(hurtful_run(tmp_path, e5_cache, small_test_pairs, select_best=False))
+        folder = trainer_module.train(hurtful_run(tmp_path, e5_cache, small_test_pairs, select_best=False))
+    assert alive == [0]  # the training model, optimizer and batches are gone: the evaluation's memory is its own
     evaluation = json.loads((folder / "run.json").read_text())["evaluation"]
     assert evaluation["verdict"] == "worse"
     assert evaluation["adapted"]["ndcg@10"] < evaluation["base"]["ndcg@10"] - 0.05
