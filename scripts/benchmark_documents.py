@@ -53,6 +53,7 @@ RECIPES = {
     "auto-hn1": ["--hard_negatives", "1"],  # ... each pair with one negative mined by the base model
     "auto-lr2": ["--learning_rate", "2e-4"],  # ... at the learning rate of pairs (twice the default's 1e-4)
     "auto-b64": ["--batch_size", "64"],  # ... in 10 batches of 64 (twice the in-batch negatives per query)
+    "auto-rt10": ["--round_trip_top_k", "10"],  # ... on the documents whose lead finds them in the base's top 10
     "auto-320-s50": ["--max_steps", "10", "--mnrl_scale", "50"],  # ... at the pairs' similarity scale
     "auto-320-s20": ["--max_steps", "10", "--mnrl_scale", "20"],  # ... at sentence-transformers' (the default before)
     "auto-320-s20-rt10": ["--max_steps", "10", "--mnrl_scale", "20", "--round_trip_top_k", "10"],  # round trip
