@@ -196,20 +196,23 @@ def evaluate(collection: str, recipe: str, folder: Path, data, base, cfg: EvalCo
     return row
 
 
-def paired(rows: list[dict], recipes: list[str], against: str, out: Path, cfg: EvalConfig) -> str:
-    """Each of `recipes` minus `against`, paired over the same test queries, on each collection both ran: the
+PAIRED_HEADER = ["| collection | recipe | minus {against}, nDCG@10 [95% CI] | p | verdict |", "|---|---|---|---|---|"]
+
+
+def paired_lines(collection: str, recipes: list[str], against: str, folder: Path, data, cfg: EvalConfig) -> list:
+    """Each finished run of `recipes` minus `against`'s on one collection, paired over the same test queries: the
     interval of a difference between two recipes, which their separate comparisons with the base cannot give."""
-    lines = [f"| collection | recipe | minus {against}, nDCG@10 [95% CI] | p | verdict |", "|---|---|---|---|---|"]
-    finished = {(r["collection"], r["recipe"]) for r in rows}
-    for collection in sorted({c for c, r in finished if r == against}):
-        data = load_retrieval_data(str(test_folder(collection)))
-        reference = run_result(against, out / collection / against, data, cfg)
-        for recipe in [n for n in recipes if n != against and (collection, n) in finished]:
-            c = compare(run_result(recipe, out / collection / recipe, data, cfg), reference, cfg.bootstrap_samples, 0)
-            low, high = (100 * x for x in c[MAIN_METRIC]["ci95"])
-            lines.append(f"| {collection} | {recipe} | {100 * c[MAIN_METRIC]['difference']:+.2f} [{low:+.2f}, "
-                         f"{high:+.2f}] | {c[MAIN_METRIC]['p_value']:.3f} | {verdict(c)} |")
-    return "\n".join(lines) + "\n"
+    finished = [r for r in recipes if (folder / r / "benchmark_row.json").exists()]
+    if against not in finished:
+        return []
+    reference = run_result(against, folder / against, data, cfg)
+    lines = []
+    for recipe in [r for r in finished if r != against]:
+        c = compare(run_result(recipe, folder / recipe, data, cfg), reference, cfg.bootstrap_samples, seed=0)
+        main = c[MAIN_METRIC]
+        shown = interval(100 * main["difference"], [100 * x for x in main["ci95"]])
+        lines.append(f"| {collection} | {recipe} | {shown} | {main['p_value']:.3f} | {verdict(c)} |")
+    return lines
 
 
 def finished_rows(out: Path) -> list[dict]:
@@ -237,13 +240,17 @@ def mean_difference(rows: list[dict]) -> str:
     return f"{mean:+.2f} [{mean - 1.96 * se:+.2f}, {mean + 1.96 * se:+.2f}]"
 
 
+def interval(difference: float, ci95: list[float]) -> str:
+    return f"{difference:+.2f} [{ci95[0]:+.2f}, {ci95[1]:+.2f}]"
+
+
 def markdown(rows: list[dict], agreement: dict) -> str:
     lines = ["| collection | recipe | nDCG@10 | base | difference [95% CI] | verdict | selected step / steps | "
              "adapter scale | train s | run s | peak GB |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['collection']} | {r['recipe']} ({r['objective']}) | {r['ndcg@10']:.2f} | "
                      f"{r['base']:.2f} | "
-                     f"{r['difference']:+.2f} [{r['ci95'][0]:+.2f}, {r['ci95'][1]:+.2f}] | {r['verdict']} | "
+                     f"{interval(r['difference'], r['ci95'])} | {r['verdict']} | "
                      f"{'last' if r['selected_step'] is None else r['selected_step']} / {r['steps']} | "
                      f"{r['lora_scale']} | {r['train_seconds']:.0f} | {r.get('total_seconds') or '-'} | "
                      f"{r['peak_memory_gb']} |")
@@ -251,8 +258,7 @@ def markdown(rows: list[dict], agreement: dict) -> str:
     for r in rows:
         by_recipe.setdefault(r["recipe"], []).append(r)
     names = sorted({r["collection"] for r in rows})
-    cell = {(r["recipe"], r["collection"]): f"{r['difference']:+.2f} [{r['ci95'][0]:+.2f}, {r['ci95'][1]:+.2f}]"
-            for r in rows}
+    cell = {(r["recipe"], r["collection"]): interval(r["difference"], r["ci95"]) for r in rows}
     lines += ["", "| recipe | " + " | ".join(names) + " | mean difference [95% CI] | worst |",
               "|---" * (len(names) + 3) + "|"]
     lines += [f"| {k} | " + " | ".join(cell.get((k, n), "-") for n in names)
@@ -282,13 +288,15 @@ def main() -> None:
     unknown = [r for r in recipes if r not in NAMES]
     if unknown:
         sys.exit(f"error: unknown recipe '{unknown[0]}' (have: {', '.join(NAMES)})")
-    out, cfg = ROOT / args.output_dir, EvalConfig()
+    out, cfg, pairs = ROOT / args.output_dir, EvalConfig(), []
     for collection in collections(args.collections):
         data = load_retrieval_data(str(test_folder(collection)))
         base = base_result(collection, data, cfg, out / collection)
         for recipe in recipes:
             row = evaluate(collection, recipe, out / collection / recipe, data, base, cfg, args.monitor)
             print(markdown([row], {}).splitlines()[2], flush=True)
+        if args.against:
+            pairs += paired_lines(collection, recipes, args.against, out / collection, data, cfg)
     rows = finished_rows(out)
     agreement = {"runs (shipped state)": spearman([(r["dev_gain"], r["difference"]) for r in rows
                                                    if r["dev_gain"] is not None]),
@@ -297,7 +305,7 @@ def main() -> None:
     (out / "results.md").write_text(markdown(rows, agreement))
     print(markdown(rows, agreement))
     if args.against:
-        table = paired(rows, recipes, args.against, out, cfg)
+        table = "\n".join([line.format(against=args.against) for line in PAIRED_HEADER] + pairs) + "\n"
         (out / f"paired-{args.against}.md").write_text(table)
         print(table)
 

@@ -147,12 +147,17 @@ def build_mnrl(train: TrainConfig, noise: NoiseConfig, model, data: TrainingData
                      contrastive_loss(train, model), query_passage_prompts(prompts, dataset.column_names))
 
 
+def examples_per_step(train: TrainConfig, world: int) -> int:
+    """The effective batch: examples per optimizer step over every process."""
+    return train.batch_size * train.gradient_accumulation_steps * world
+
+
 def within_budget(documents, train: TrainConfig) -> list[int]:
     """The documents a run with mined negatives trains on: with a fixed number of steps (the documents default, or
     --max_steps), a seeded sample of as many as those steps take, so that mining (the base model encoding every
     candidate and query) costs a fixed share of the training however large the file; otherwise all of them."""
     documents = list(documents)
-    budget = train.max_steps * train.batch_size * train.gradient_accumulation_steps * world_size()
+    budget = train.max_steps * examples_per_step(train, world_size())
     if not budget or budget >= len(documents):
         return documents
     rng = np.random.default_rng(train.seed_for("negatives"))

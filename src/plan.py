@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from src.config import DOCUMENT_CONSTRUCTIONS, Config, TrainConfig
 from src.errors import UsageError
-from src.objectives import needs_pairs, needs_texts, parts
+from src.objectives import examples_per_step, needs_pairs, needs_texts, parts
 
 logger = logging.getLogger(__name__)
 
@@ -96,11 +96,6 @@ class RunPlan:
         # the documents recipe neither selects nor monitors: nothing is evaluated during its training
         eval_steps = 0 if self.documents_recipe else train.eval_steps or spread
         return dataclasses.replace(self, max_steps=max_steps, eval_steps=eval_steps)
-
-
-def examples_per_step(train: TrainConfig, world: int) -> int:
-    """The effective batch: examples per optimizer step over every process."""
-    return train.batch_size * train.gradient_accumulation_steps * world
 
 
 def resolve_objective(objective: str, columns, pair_columns: list[str], text_column: str, path: str) -> str:

@@ -47,7 +47,7 @@ def test_two_documents_recipes_are_compared_paired_over_the_same_queries(tmp_pat
     """benchmark_documents --against: a recipe minus another, from the per-query scores each run keeps."""
     import numpy as np
 
-    from scripts.benchmark_documents import paired
+    from scripts.benchmark_documents import paired_lines
     from src.config import EvalConfig
     from src.metrics import METRICS
 
@@ -59,7 +59,8 @@ def test_two_documents_recipes_are_compared_paired_over_the_same_queries(tmp_pat
         folder = tmp_path / "en_anarchist_faq" / recipe
         folder.mkdir(parents=True)
         (folder / "per_query.json").write_text(json.dumps({m: v.tolist() for m, v in scores.items()}))
-    rows = [{"collection": "en_anarchist_faq", "recipe": r} for r in ("auto", "auto-hn1")]
-    table = paired(rows, ["auto", "auto-hn1", "auto-960"], "auto", tmp_path, EvalConfig())
+        (folder / "benchmark_row.json").write_text("{}")  # a finished run
+    table = "\n".join(paired_lines("en_anarchist_faq", ["auto", "auto-hn1", "auto-960"], "auto",
+                                    tmp_path / "en_anarchist_faq", None, EvalConfig()))
     assert "| en_anarchist_faq | auto-hn1 | +5.00 [+5.00, +5.00] | 0.000 | better |" in table
     assert table.count("| en_anarchist_faq |") == 1  # auto-960 has no run: no row, nothing encoded
