@@ -47,7 +47,8 @@ TEST_FOLDERS = {"ru_catalog_docs": ROOT / "data" / "ru_catalog" / "test"}  # the
 NO_GUARD = ["--select_best", "false", "--lora_scales", ""]
 EVERY_10 = ["--eval_steps", "10"]  # the recipes with model selection were measured evaluating every 10 steps
 RECIPES = {
-    "auto": [],  # the default command: on documents alone, 640 lead pairs (20 steps) at scale 100, no selection
+    "auto": [],  # the default command: on documents alone, 640 lead pairs (20 steps) of up to 256 tokens, scale 100
+    "auto-128": ["--max_seq_length", "128"],  # ... on up to 128 tokens per text (the default before)
     "auto-320": ["--max_steps", "10"],  # ... on half the pairs
     "auto-960": ["--max_steps", "30"],  # ... on half as many again
     "auto-hn1": ["--hard_negatives", "1"],  # ... each pair with one negative mined by the base model

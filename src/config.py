@@ -85,7 +85,8 @@ class ModelConfig(Settings):
         "fused attention kernel instead of materialising the weights: a faster step.", default=0.0)
     lora_target_modules: str = help_field("Comma-separated module names to adapt, or 'auto' (all attention and "
                                           "feed-forward projections of the encoder layers).", default="auto")
-    max_seq_length: int = help_field("Maximum tokens per text for training and encoding.", default=128)
+    max_seq_length: int = help_field("Maximum tokens per text in training (saved models keep their own limit, 512 "
+                                     "for e5); 0 = auto: 256 for the documents default, else 128.", default=0)
     trust_remote_code: bool = help_field("Allow code shipped with a model folder to run (off: safe).", default=False)
     allow_pickle: bool = help_field("Allow pickle (.bin) weights; by default only safetensors load.", default=False)
 
@@ -93,7 +94,8 @@ class ModelConfig(Settings):
         check_minimum(self, 1, "lora_r", "lora_alpha")
         check_option(0.0 <= self.lora_dropout < 1.0, "lora_dropout", "must be in [0, 1)")
         check_option(0.0 <= self.attention_dropout < 1.0, "attention_dropout", "must be in [0, 1)")
-        check_option(8 <= self.max_seq_length <= 8192, "max_seq_length", "must be in [8, 8192]")
+        check_option(self.max_seq_length in range(8, 8193) or not self.max_seq_length, "max_seq_length",
+                     "must be 0 (auto) or in [8, 8192]")
 
 
 @dataclass
@@ -105,8 +107,7 @@ class TrainConfig(Settings):
         "leading line or sentence -> the rest; keys: its most distinctive words -> it; simcse: dropout-noise "
         "contrastive on texts; tsdae: denoising auto-encoder on texts. Measured: docs/RESULTS.md.", default="auto")
     learning_rate: float = help_field("Peak learning rate; 0 = auto: 2e-4 for mnrl alone, 1e-4 for the other "
-                                      "objectives (both as measured; TSDAE/SimCSE on e5 want far less, e.g. 2e-5).",
-                                      default=0.0)
+                                      "objectives (as measured; TSDAE/SimCSE on e5 want far less: 2e-5).", default=0.0)
     batch_size: int = help_field("Texts (or pairs) per device per step; mnrl/simcse use the rest of the batch as "
                                  "negatives, so larger is better for them.", default=32)
     gradient_accumulation_steps: int = help_field("Steps to accumulate before an optimizer update.", default=1)
@@ -157,8 +158,7 @@ class TrainConfig(Settings):
                                         "own score (relative_margin): likely an unlabelled positive.", default=0.05)
     negative_skip: int = help_field("Mining: skip the base model's top N candidates (range_min).", default=0)
     round_trip_top_k: int = help_field("Pairs from documents: train on the documents whose pair's query finds "
-                                       "them in the base model's top K of 2,048 (src/round_trip.py). 0 = off.",
-                                       default=0)
+                                       "them in the base's top K of 2,048 (src/round_trip.py); 0 = off.", default=0)
     mini_batch_size: int = help_field("Contrastive parts: compute the loss over each batch in mini-batches of this "
                                       "many (CachedMultipleNegativesRankingLoss, GradCache): a large --batch_size at "
                                       "the activation memory of a small one. 0 = the plain loss.", default=0)

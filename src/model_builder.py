@@ -28,6 +28,9 @@ from src.errors import KitError, first_line, run_cli
 from src.provision import E5_PROMPTS, e5_document_prompt, mean_pooled, resolve_model
 from src.settings import comma_list
 
+# `--max_seq_length 0` outside the documents default (src/plan.py): pairs and short texts fit in 128 tokens
+TRAIN_MAX_SEQ_LENGTH = 128
+
 logger = logging.getLogger(__name__)
 
 SUPPORTED_TYPES = ("bert", "xlm-roberta", "roberta")
@@ -204,7 +207,7 @@ def build_model(cfg: ModelConfig, device: str = "cpu", checkpoint_every: int = 0
 
     precision = resolve_precision(cfg)
     model = load_sentence_transformer(cfg, device, quantize=precision == "nf4")
-    model.max_seq_length = cfg.max_seq_length  # training length; saved models get their own back (trainer)
+    model.max_seq_length = cfg.max_seq_length or TRAIN_MAX_SEQ_LENGTH  # saved models get their own back (trainer)
     hf_model = model[0].auto_model
     set_attention_dropout(hf_model, cfg.attention_dropout)
     if precision == "nf4":

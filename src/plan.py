@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 from src.config import DOCUMENT_CONSTRUCTIONS, Config, TrainConfig
 from src.errors import UsageError
+from src.model_builder import TRAIN_MAX_SEQ_LENGTH
 from src.objectives import examples_per_step, needs_pairs, needs_texts, parts
 
 logger = logging.getLogger(__name__)
@@ -39,6 +40,10 @@ PAIRS_LEARNING_RATE, OTHER_LEARNING_RATE = 2e-4, 1e-4
 # catalogs, and the documents default more at 100 than at 50 or 20 on the development collections
 # (docs/RESULTS.md). Every other objective was measured at 20.
 PAIRS_SCALE, DOCUMENTS_SCALE, OTHER_SCALE = 50.0, 100.0, 20.0
+# `--max_seq_length 0`: tokens per training text. Documents run longer than titles (median 230-360 tokens on the
+# development manuals): at 128 the documents default trained on a third of a Python section; at 256 it gained more
+# on every development collection (docs/RESULTS.md).
+DOCUMENTS_MAX_SEQ_LENGTH = 256
 # `--eval_steps 0`: development evaluations per run, besides step 0. Each costs a pass over the development queries
 # and their distractors (on the catalog about as long as five training steps). Pairs (mnrl alone) are evaluated at
 # each epoch's end only: on both catalogs, in every run, the last state of the epoch was the best or within noise
@@ -64,6 +69,7 @@ class RunPlan:
         max_steps: optimizer steps (0: --epochs decides).
         learning_rate: the peak learning rate.
         mnrl_scale: the in-batch softmax's similarity scale (mnrl, simcse).
+        max_seq_length: tokens per training text.
         eval_steps: steps between development evaluations (0 until `with_budget` resolves it).
     """
 
@@ -76,6 +82,7 @@ class RunPlan:
     max_steps: int
     learning_rate: float
     mnrl_scale: float
+    max_seq_length: int
     eval_steps: int = 0
 
     def to_dict(self) -> dict:
@@ -158,11 +165,12 @@ def plan_run(cfg: Config, columns: list[str], world: int = 1) -> RunPlan:
     select, pairs_alone = t.select_best and not recipe, objective == "mnrl"
     learning_rate = t.learning_rate or (PAIRS_LEARNING_RATE if pairs_alone else OTHER_LEARNING_RATE)
     scale = t.mnrl_scale or (PAIRS_SCALE if pairs_alone else DOCUMENTS_SCALE if recipe else OTHER_SCALE)
+    length = cfg.model.max_seq_length or (DOCUMENTS_MAX_SEQ_LENGTH if recipe else TRAIN_MAX_SEQ_LENGTH)
     scales = t.lora_scale_values() if t.lora_scales != "auto" else (
         PAIRS_LORA_SCALES if pairs_alone else AUTO_LORA_SCALES)
     return RunPlan(objective, recipe, select, tuple(scales) if select else (),
                    dev_construction(t.dev_construction, objective), cfg.data.validation_fraction if select else 0.0,
-                   t.max_steps, learning_rate, scale)
+                   t.max_steps, learning_rate, scale, length)
 
 
 def describe(plan: RunPlan, train: TrainConfig, world: int = 1) -> str:

@@ -206,7 +206,8 @@ def train_model(cfg: Config, plan: RunPlan, data: TrainingData, folder: Path, de
                 monitor: RetrievalData | None) -> tuple[KitTrainer, object, dict]:
     """Build, train (from the last checkpoint with --resume) and select: the trainer, its result and run.json's
     selection record."""
-    model = build_model(cfg.model, device, cfg.train.checkpoint_every * cfg.train.gradient_checkpointing)
+    model_cfg = dataclasses.replace(cfg.model, max_seq_length=plan.max_seq_length)  # as the plan decided
+    model = build_model(model_cfg, device, cfg.train.checkpoint_every * cfg.train.gradient_checkpointing)
     trainer, selection = build_trainer(cfg, plan, model, data, folder, device, monitor)
     checkpoint = last_complete_checkpoint(Path(trainer.args.output_dir)) if cfg.train.resume else None
     if cfg.train.resume and checkpoint is None:

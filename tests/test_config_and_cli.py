@@ -34,6 +34,7 @@ def test_defaults_file_and_cli_precedence(tmp_path):
     (["--learning_rate", "-1"], "--learning_rate"),
     (["--deletion_ratio", "1.5"], "--deletion_ratio"),
     (["--batch_size", "0"], "--batch_size"),
+    (["--max_seq_length", "4"], "--max_seq_length: must be 0 \\(auto\\) or in \\[8, 8192\\]"),
     (["--validation_fraction", "0.9"], "--validation_fraction"),
     (["--config", "/nonexistent.yaml"], "does not exist"),
 ])

@@ -261,14 +261,18 @@ def test_lead_on_documents_trains_with_selection_scale_search_anchor_and_monitor
 
 def test_auto_on_documents_trains_the_measured_budget_without_selection(tmp_path, tiny_xlmr, documents_file,
                                                                         monkeypatch, caplog):
-    from src import plan
+    from src import plan, trainer
     from src.config import Config, EvalConfig, OutputConfig
+    from src.model_builder import build_model
     from src.trainer import train
 
     caplog.set_level(logging.INFO)
     monkeypatch.setattr(plan, "DOCUMENTS_PAIRS", 20)  # 3 steps of 8 pairs on this small file (the default: 640)
+    monkeypatch.setattr(plan, "DOCUMENTS_MAX_SEQ_LENGTH", 40)  # the tiny model's positions (the default: 256)
+    built = []
+    monkeypatch.setattr(trainer, "build_model", lambda cfg, *args: built.append(cfg) or build_model(cfg, *args))
     cfg = Config(data=DataConfig(train_file=str(documents_file), validation_fraction=0.1),
-                 model=ModelConfig(model_name_or_path=str(tiny_xlmr), max_seq_length=48),
+                 model=ModelConfig(model_name_or_path=str(tiny_xlmr)),
                  train=TrainConfig(batch_size=8, learning_rate=1e-3, save_steps=50),
                  eval=EvalConfig(eval_data=""), output=OutputConfig(output_dir=str(tmp_path / "auto")))
     folder = train(cfg)
@@ -277,6 +281,7 @@ def test_auto_on_documents_trains_the_measured_budget_without_selection(tmp_path
     assert run["selected"] is None and run["dev_ndcg@10_by_step"] is None and run["lora_scale"] == 1.0
     assert (saved["train"]["max_steps"], saved["train"]["select_best"]) == (0, True)  # as requested ...
     assert (saved["resolved"]["max_steps"], saved["resolved"]["select_best"]) == (3, False)  # ... and as resolved
+    assert saved["model"]["max_seq_length"] == 0 and [c.max_seq_length for c in built] == [40]  # trained at auto's
     # nothing selects, so nothing is held out and no development loss is computed: every document trains
     every = load_training_data(DataConfig(train_file=str(documents_file), validation_fraction=0.0), seed=42).texts
     assert (run["dev_texts"], run["plan"]["holdout_fraction"], run["train_texts"]) == (0, 0.0, len(every))
@@ -316,6 +321,8 @@ def test_documents_budget_repeats_a_small_file_gives_way_to_max_steps_and_refuse
     lead = plan_run(Config(train=TrainConfig(objective="lead")), ["text"])
     assert (catalog.mnrl_scale, budget.mnrl_scale, lead.mnrl_scale) == (50.0, 100.0, 20.0)  # as measured
     assert planned(mnrl_scale=30.0)[0].mnrl_scale == 30.0
+    assert (catalog.max_seq_length, budget.max_seq_length, lead.max_seq_length) == (128, 256, 128)  # auto
+    assert plan_run(Config(model=ModelConfig(max_seq_length=64)), ["text"]).max_seq_length == 64
     every_10 = Config(train=TrainConfig(eval_steps=10))
     assert plan_run(every_10, ["title", "description"]).with_budget(5000, every_10.train).eval_steps == 10
     with pytest.raises(UsageError, match="option --monitor_data: .*--objective lead"):
