@@ -46,18 +46,19 @@ TEST_FOLDERS = {"ru_catalog_docs": ROOT / "data" / "ru_catalog" / "test"}  # the
 # the adapter-scale search (both on by default); "noguard" turns both off and keeps the last step.
 NO_GUARD = ["--select_best", "false", "--lora_scales", ""]
 EVERY_10 = ["--eval_steps", "10"]  # the recipes with model selection were measured evaluating every 10 steps
+T128 = ["--max_seq_length", "128"]  # the default of before: texts cut at 128 tokens
 RECIPES = {
     "auto": [],  # the default command: on documents alone, 640 lead pairs (20 steps) of up to 256 tokens, scale 100
-    "auto-128": ["--max_seq_length", "128"],  # ... on up to 128 tokens per text (the default before)
-    "auto-320": ["--max_steps", "10"],  # ... on half the pairs
-    "auto-960": ["--max_steps", "30"],  # ... on half as many again
-    "auto-hn1": ["--hard_negatives", "1"],  # ... each pair with one negative mined by the base model
-    "auto-lr2": ["--learning_rate", "2e-4"],  # ... at the learning rate of pairs (twice the default's 1e-4)
-    "auto-b64": ["--batch_size", "64"],  # ... in 10 batches of 64 (twice the in-batch negatives per query)
-    "auto-rt10": ["--round_trip_top_k", "10"],  # ... on the documents whose lead finds them in the base's top 10
-    "auto-320-s50": ["--max_steps", "10", "--mnrl_scale", "50"],  # ... at the pairs' similarity scale
-    "auto-320-s20": ["--max_steps", "10", "--mnrl_scale", "20"],  # ... at sentence-transformers' (the default before)
-    "auto-320-s20-rt10": ["--max_steps", "10", "--mnrl_scale", "20", "--round_trip_top_k", "10"],  # round trip
+    "auto-128": T128,  # ... of up to 128 tokens (the default before); the levers below were measured on it:
+    "auto-320": ["--max_steps", "10", *T128],  # ... on half the pairs
+    "auto-960": ["--max_steps", "30", *T128],  # ... on half as many again
+    "auto-hn1": ["--hard_negatives", "1", *T128],  # ... each pair with one negative mined by the base model
+    "auto-lr2": ["--learning_rate", "2e-4", *T128],  # ... at the learning rate of pairs (twice the default's 1e-4)
+    "auto-b64": ["--batch_size", "64", *T128],  # ... in 10 batches of 64 (twice the in-batch negatives per query)
+    "auto-rt10": ["--round_trip_top_k", "10", *T128],  # ... on documents whose lead finds them in the base's top 10
+    "auto-320-s50": ["--max_steps", "10", "--mnrl_scale", "50", *T128],  # ... at the pairs' similarity scale
+    "auto-320-s20": ["--max_steps", "10", "--mnrl_scale", "20", *T128],  # ... at sentence-transformers' (before)
+    "auto-320-s20-rt10": ["--max_steps", "10", "--mnrl_scale", "20", "--round_trip_top_k", "10", *T128],
     # the budget of before (10 steps of 32, no selection) on keyword queries (scale 20, as other objectives)
     "keys-320": ["--objective", "keys", "--max_steps", "10", *NO_GUARD],
     "lead": ["--objective", "lead", *EVERY_10],  # one epoch, selected on crop pairs (the default before)
