@@ -176,7 +176,8 @@ def plan_run(cfg: Config, columns: list[str], world: int = 1) -> RunPlan:
 def describe(plan: RunPlan, train: TrainConfig, world: int = 1) -> str:
     """The plan in one log line."""
     steps = f"{plan.max_steps} steps" if plan.max_steps else f"{train.epochs:g} epoch(s)"
-    per_step = f"{examples_per_step(train, world)} per step, lr {plan.learning_rate:g}"
+    per_step = (f"{examples_per_step(train, world)} per step of up to {plan.max_seq_length} tokens, "
+                f"lr {plan.learning_rate:g}")
     if plan.select_best:
         return (f"{plan.objective} for {steps} of {per_step}; model selection every {plan.eval_steps} "
                 f"steps on {plan.holdout_fraction:.0%} of the rows held out")

@@ -288,6 +288,7 @@ def test_auto_on_documents_trains_the_measured_budget_without_selection(tmp_path
     logged = json.loads((folder / "training_log.json").read_text())
     assert logged and not any(key.startswith("eval_") for entry in logged for key in entry)
     assert "no model selection, nothing held out" in caplog.text and (folder / "merged").is_dir()
+    assert "8 per step of up to 40 tokens" in caplog.text
 
 
 def test_documents_budget_repeats_a_small_file_gives_way_to_max_steps_and_refuses_a_monitor():
