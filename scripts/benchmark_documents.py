@@ -2,7 +2,7 @@
 
     python -m scripts.benchmark_documents                              # the whole table (hours on 2 CPU cores)
     python -m scripts.benchmark_documents --collections ru_catalog_docs --recipes auto,ict
-    python -m scripts.benchmark_documents --recipes auto,auto-hn1 --against auto   # + their paired difference
+    python -m scripts.benchmark_documents --recipes auto-128,auto-hn1 --against auto-128   # + paired difference
 
 Each recipe is the kit's own command (`python -m src.trainer`, one subprocess per run, so its peak memory is
 its own) trained on a collection's documents alone (`data/dev/<name>/train.jsonl`: `_id` + `text`, no titles,

@@ -41,8 +41,9 @@ PAIRS_LEARNING_RATE, OTHER_LEARNING_RATE = 2e-4, 1e-4
 # (docs/RESULTS.md). Every other objective was measured at 20.
 PAIRS_SCALE, DOCUMENTS_SCALE, OTHER_SCALE = 50.0, 100.0, 20.0
 # `--max_seq_length 0`: tokens per training text. Documents run longer than titles (median 230-360 tokens on the
-# development manuals): at 128 the documents default trained on a third of a Python section; at 256 it gained more
-# on every development collection (docs/RESULTS.md).
+# development manuals): at 128 the documents default trained on a third of a Python section; at 256 every
+# development collection's gain has its interval above zero, more than at 128 on the FAQ and Python, within noise
+# elsewhere, in twice the training time (docs/RESULTS.md).
 DOCUMENTS_MAX_SEQ_LENGTH = 256
 # `--eval_steps 0`: development evaluations per run, besides step 0. Each costs a pass over the development queries
 # and their distractors (on the catalog about as long as five training steps). Pairs (mnrl alone) are evaluated at
