@@ -200,6 +200,15 @@ def checkpoint_layers(hf_model: torch.nn.Module, every: int) -> None:
         layer.gradient_checkpointing = layer.gradient_checkpointing and i % every == 0
 
 
+def training_length(requested: int, own: int | None) -> int:
+    """Tokens per training text: the requested length, at most the model's own limit (beyond it the position
+    embeddings run out, or the model was never trained there). Saved models get their own limit back (trainer)."""
+    if own and requested > own:
+        logger.warning("max_seq_length %d exceeds the model's own limit: training at %d tokens", requested, own)
+        return own
+    return requested
+
+
 def build_model(cfg: ModelConfig, device: str = "cpu", checkpoint_every: int = 0) -> SentenceTransformer:
     """The encoder ready to train: 4-bit + LoRA (nf4), fp + LoRA (none) or all weights trainable (full), with every
     `checkpoint_every`-th encoder layer recomputed in backward (0: gradient checkpointing off)."""
@@ -207,7 +216,7 @@ def build_model(cfg: ModelConfig, device: str = "cpu", checkpoint_every: int = 0
 
     precision = resolve_precision(cfg)
     model = load_sentence_transformer(cfg, device, quantize=precision == "nf4")
-    model.max_seq_length = cfg.max_seq_length or TRAIN_MAX_SEQ_LENGTH  # saved models get their own back (trainer)
+    model.max_seq_length = training_length(cfg.max_seq_length or TRAIN_MAX_SEQ_LENGTH, model.max_seq_length)
     hf_model = model[0].auto_model
     set_attention_dropout(hf_model, cfg.attention_dropout)
     if precision == "nf4":

@@ -268,7 +268,7 @@ def test_auto_on_documents_trains_the_measured_budget_without_selection(tmp_path
 
     caplog.set_level(logging.INFO)
     monkeypatch.setattr(plan, "DOCUMENTS_PAIRS", 20)  # 3 steps of 8 pairs on this small file (the default: 640)
-    monkeypatch.setattr(plan, "DOCUMENTS_MAX_SEQ_LENGTH", 40)  # 256 (the default) exceeds the tiny model's positions
+    monkeypatch.setattr(plan, "DOCUMENTS_MAX_SEQ_LENGTH", 40)  # under the tiny model's limit (64): trained as planned
     built = []
     monkeypatch.setattr(trainer, "build_model", lambda cfg, *args: built.append(cfg) or build_model(cfg, *args))
     cfg = Config(data=DataConfig(train_file=str(documents_file), validation_fraction=0.1),

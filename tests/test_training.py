@@ -85,6 +85,15 @@ def test_checkpointing_every_other_layer_recomputes_half_and_leaves_the_gradient
     assert all(torch.allclose(a, b, atol=1e-6) for every in (1, 2) for a, b in zip(grads[0], grads[every]))
 
 
+def test_training_length_stays_within_the_models_own_limit(tiny_xlmr, caplog):
+    """The tiny models are saved with a 64-token limit: 48 is kept, 200 (past it) trains at 64 with a warning,
+    0 (auto outside the documents default) is 128, clipped the same way."""
+    lengths = [build_model(ModelConfig(model_name_or_path=str(tiny_xlmr), precision="none", max_seq_length=n))
+               .max_seq_length for n in (48, 200, 0)]
+    assert lengths == [48, 64, 64]
+    assert "max_seq_length 200 exceeds the model's own limit: training at 64 tokens" in caplog.text
+
+
 def test_speed_settings_reach_the_modules(tiny_bert):
     """The kit's speed defaults: no attention dropout (fused SDPA kernel), no LoRA dropout op; other values reach
     the modules; hidden dropout is never touched."""
