@@ -239,7 +239,7 @@ def mean_difference(rows: list[dict]) -> str:
 
     mean = sum(r["difference"] for r in rows) / len(rows)
     se = math.sqrt(sum(((r["ci95"][1] - r["ci95"][0]) / 3.92) ** 2 for r in rows)) / len(rows)
-    return f"{mean:+.2f} [{mean - 1.96 * se:+.2f}, {mean + 1.96 * se:+.2f}]"
+    return interval(mean, [mean - 1.96 * se, mean + 1.96 * se])
 
 
 def interval(difference: float, ci95: list[float]) -> str:

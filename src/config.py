@@ -94,7 +94,7 @@ class ModelConfig(Settings):
         check_minimum(self, 1, "lora_r", "lora_alpha")
         check_option(0.0 <= self.lora_dropout < 1.0, "lora_dropout", "must be in [0, 1)")
         check_option(0.0 <= self.attention_dropout < 1.0, "attention_dropout", "must be in [0, 1)")
-        check_option(self.max_seq_length in range(8, 8193) or not self.max_seq_length, "max_seq_length",
+        check_option(self.max_seq_length == 0 or 8 <= self.max_seq_length <= 8192, "max_seq_length",
                      "must be 0 (auto) or in [8, 8192]")
 
 
