@@ -49,6 +49,8 @@ EVERY_10 = ["--eval_steps", "10"]  # the recipes with model selection were measu
 T128 = ["--max_seq_length", "128"]  # the default of before: texts cut at 128 tokens
 RECIPES = {
     "auto": [],  # the default command: on documents alone, 640 lead pairs (20 steps) of up to 256 tokens, scale 100
+    "auto-top6": ["--lora_layers", "6"],  # ... with LoRA on the top 6 of e5-small's 12 layers alone (a faster step)
+    "auto-top8": ["--lora_layers", "8"],  # ... on the top 8
     "auto-128": T128,  # ... of up to 128 tokens (the default before); the levers below were measured on it:
     "auto-320": ["--max_steps", "10", *T128],  # ... on half the pairs
     "auto-960": ["--max_steps", "30", *T128],  # ... on half as many again
@@ -176,10 +178,32 @@ def checkpoint_gains(run: dict) -> list[tuple[float, float]]:
     return [(dev[s] - dev[0], test[s] - test[0]) for s in sorted(set(dev) & set(test)) if s] if 0 in test else []
 
 
-def evaluate(collection: str, recipe: str, folder: Path, data, base, cfg: EvalConfig, monitor: bool) -> dict:
+def row_command(collection: str, recipe: str) -> str:
+    """The command a recipe's row reproduces: the kit's trainer with the recipe's options, or the peer's script."""
+    if recipe in PEERS:
+        return f"python -m scripts.benchmark_documents --recipes {recipe}"
+    return " ".join(["python -m src.trainer --train_file", f"data/dev/{collection}/train.jsonl",
+                     *(repr(a) if not a else a for a in RECIPES[recipe])])
+
+
+def finished_row(folder: Path, command: str) -> dict | None:
+    """A finished run's row, when it ran `command`; a run of other options under the recipe's name (a recipe or a
+    default changed since) would put another run's scores in the table: a one-line error."""
     cache = folder / "benchmark_row.json"
-    if cache.exists():
-        return json.loads(cache.read_text())
+    if not cache.exists():
+        return None
+    row = json.loads(cache.read_text())
+    if row["command"] != command:
+        sys.exit(f"error: {folder} holds a run of '{row['command']}', not of '{command}'; move or delete the folder "
+                 f"to run the recipe as it is now")
+    return row
+
+
+def evaluate(collection: str, recipe: str, folder: Path, data, base, cfg: EvalConfig, monitor: bool) -> dict:
+    command = row_command(collection, recipe)
+    row = finished_row(folder, command)
+    if row is not None:
+        return row
     run = train(collection, recipe, folder, monitor)
     scores = run_result(recipe, folder, data, cfg)
     c = compare(scores, base, cfg.bootstrap_samples, seed=0)
@@ -190,11 +214,8 @@ def evaluate(collection: str, recipe: str, folder: Path, data, base, cfg: EvalCo
            "total_seconds": run.get("total_seconds"),  # the whole command: loading, mining, training, saving
            "peak_memory_gb": run.get("peak_memory_gb"), "selected_step": (run.get("selected") or {}).get("step"),
            "steps": run["steps"], "lora_scale": run.get("lora_scale"), "dev_gain": dev_gain(run),
-           "checkpoint_gains": [[100 * d, 100 * t] for d, t in checkpoint_gains(run)],
-           "command": f"python -m scripts.benchmark_documents --recipes {recipe}" if recipe in PEERS else
-                      "python -m src.trainer --train_file data/dev/" + collection + "/train.jsonl "
-                      + " ".join(repr(a) if not a else a for a in RECIPES[recipe])}
-    cache.write_text(json.dumps(row, indent=2) + "\n")
+           "checkpoint_gains": [[100 * d, 100 * t] for d, t in checkpoint_gains(run)], "command": command}
+    (folder / "benchmark_row.json").write_text(json.dumps(row, indent=2) + "\n")
     return row
 
 

@@ -121,7 +121,7 @@ def build(design: str, path: str, lr: float = 1e-5):
     kit, checkpointing = name.startswith("kit-"), name.endswith("-gc")
     settings = MODEL_DROPOUT if not kit or "dropout" in undone else {}
     model = build_model(ModelConfig(model_name_or_path=path, precision=PRECISION[name], max_seq_length=LENGTH,
-                                    **settings), gradient_checkpointing=checkpointing)
+                                    **settings), checkpoint_every=int(checkpointing))
     if not kit:
         loss = DenoisingAutoEncoderLoss(model, decoder_name_or_path=path, tie_encoder_decoder=name == "st-tied")
     else:

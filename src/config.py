@@ -30,9 +30,9 @@ class DataConfig(Settings):
     train_file: str = help_field("Training corpus (CSV/TSV/Parquet/JSONL/JSON/TXT).",
                                  default=str(DATA_DIR / "ru_catalog" / "train.jsonl"))
     text_column: str = help_field("Column holding the text (ignored for .txt).", default="text")
-    pair_columns: str = help_field("Two columns 'query,document' of the same item (e.g. title,description): training "
-                                   "pairs for the mnrl objectives and development pairs for model selection; "
-                                   "used when the file has them.", default="title,description")
+    pair_columns: str = help_field("Two columns 'query,document' of the same item (e.g. title,description): pairs "
+                                   "to train (mnrl) and select on, when the file has them.",
+                                   default="title,description")
     min_words: int = help_field("Drop texts with fewer words than this.", default=3)
     max_chars: int = help_field("Truncate longer texts to this many characters (against megabyte rows).", default=2000)
     split_mode: Literal["none", "sentences", "windows"] = help_field(
@@ -43,10 +43,8 @@ class DataConfig(Settings):
                                             "a fifth of a smaller file; 0 = none).", default=0.05)
 
     def validate(self):
-        check_option(self.min_words >= 1, "min_words", "must be >= 1")
-        check_option(self.max_chars >= 10, "max_chars", "must be >= 10")
-        check_option(self.window_words >= 4, "window_words", "must be >= 4")
-        check_option(self.max_train_texts >= 0, "max_train_texts", "must be >= 0")
+        for option, minimum in (("min_words", 1), ("max_chars", 10), ("window_words", 4), ("max_train_texts", 0)):
+            check_minimum(self, minimum, option)
         check_option(0.0 <= self.validation_fraction < 0.5, "validation_fraction", "must be in [0, 0.5)")
         check_option(len(self.pair_column_names()) in (0, 2), "pair_columns",
                      "must name two columns 'query,document' (or be '')")
@@ -85,6 +83,8 @@ class ModelConfig(Settings):
         "fused attention kernel instead of materialising the weights: a faster step.", default=0.0)
     lora_target_modules: str = help_field("Comma-separated module names to adapt, or 'auto' (all attention and "
                                           "feed-forward projections of the encoder layers).", default="auto")
+    lora_layers: int = help_field("Adapt the top N encoder layers only (0 = all): backward stops at the lowest, a "
+                                  "faster step, at a cost in quality (docs/RESULTS.md).", default=0)
     max_seq_length: int = help_field("Maximum tokens per text in training (saved models keep their own limit, 512 "
                                      "for e5); 0 = auto: 256 for the documents default, else 128.", default=0)
     trust_remote_code: bool = help_field("Allow code shipped with a model folder to run (off: safe).", default=False)
@@ -92,6 +92,8 @@ class ModelConfig(Settings):
 
     def validate(self):
         check_minimum(self, 1, "lora_r", "lora_alpha")
+        check_minimum(self, 0, "lora_layers")
+        check_option(not (self.lora_layers and self.precision == "full"), "lora_layers", "applies to LoRA only")
         check_option(0.0 <= self.lora_dropout < 1.0, "lora_dropout", "must be in [0, 1)")
         check_option(0.0 <= self.attention_dropout < 1.0, "attention_dropout", "must be in [0, 1)")
         check_option(self.max_seq_length == 0 or 8 <= self.max_seq_length <= 8192, "max_seq_length",
@@ -118,8 +120,9 @@ class TrainConfig(Settings):
         "Learning-rate schedule after warm-up.", default="constant_with_warmup")
     weight_decay: float = help_field("AdamW weight decay.", default=0.0)
     gradient_checkpointing: bool = help_field(
-        "Recompute activations in backward: less peak memory (far less for large encoders) for a slower step "
-        "(docs/RESULTS.md). Turn off (--gradient_checkpointing false) when memory is plentiful.", default=True)
+        "Recompute activations in backward: less peak memory (far less for large encoders), a slower step. Off "
+        "when memory is plentiful; always off with LoRA on at most half the layers (theirs alone are kept).",
+        default=True)
     checkpoint_every: int = help_field("With --gradient_checkpointing: recompute every Nth encoder layer (1 = all, "
                                        "the least memory; 2 = every other: faster, between the two).", default=2)
     decoder_vocab: Literal["corpus", "full"] = help_field("Decoder softmax over the token ids of the training texts "
@@ -144,13 +147,11 @@ class TrainConfig(Settings):
         "How development pairs are built from held-out documents when the file has no pair columns: auto, "
         f"{', '.join(DOCUMENT_CONSTRUCTIONS)}. auto: the first of those that the objective does not train on.",
         default="auto")
-    monitor_data: str = help_field("Labelled held-out data (as --eval_data) scored at every development evaluation "
-                                   "and logged, never selected on: does the development signal agree with real "
-                                   "queries? '' = off.", default="")
-    lora_scales: str = help_field("After selection, also try the adapter at these fractions of its strength "
-                                  "(comma-separated, between 0 = the base and 1 = as trained) on the development "
-                                  "pairs, and keep the best; '' = off; auto: 0.5, none for mnrl alone.",
-                                  default="auto")
+    monitor_data: str = help_field("Labelled held-out data (as --eval_data) scored and logged at every development "
+                                   "evaluation, never selected on. '' = off.", default="")
+    lora_scales: str = help_field("After selection, also try the adapter at these fractions of its strength (comma-"
+                                  "separated, between 0 = the base and 1 = as trained) on the development pairs, "
+                                  "and keep the best; '' = off; auto: 0.5, none for mnrl alone.", default="auto")
     hard_negatives: int = help_field("mnrl, pairs from documents: negatives per pair mined by the base model among "
                                      "the training documents, near-duplicates of the pair's own document filtered out "
                                      "(src/hard_negatives.py). 0 = in-batch negatives only.", default=0)
@@ -227,11 +228,10 @@ class EvalConfig(Settings):
                                 "models' embeddings.", default=False)
 
     def validate(self):
-        check_option(self.eval_batch_size >= 1, "eval_batch_size", "must be >= 1")
+        for option, minimum in (("eval_batch_size", 1), ("bootstrap_samples", 100), ("max_eval_queries", 0)):
+            check_minimum(self, minimum, option)
         check_option(self.eval_max_seq_length == 0 or self.eval_max_seq_length >= 8, "eval_max_seq_length",
                      "must be 0 or >= 8")
-        check_option(self.bootstrap_samples >= 100, "bootstrap_samples", "must be >= 100")
-        check_minimum(self, 0, "max_eval_queries")
 
 
 @dataclass
@@ -264,7 +264,7 @@ class PreprocessConfig(Settings):
             check_option(bool(getattr(self, option)), option, "is required")
         check_option(any(p in self.template for p in ("{title}", "{attributes}", "{description}")), "template",
                      "must use at least one of {title}, {attributes}, {description}")
-        check_option(self.min_chars >= 1, "min_chars", "must be >= 1")
+        check_minimum(self, 1, "min_chars")
 
 
 @dataclass

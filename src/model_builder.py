@@ -36,6 +36,7 @@ logger = logging.getLogger(__name__)
 SUPPORTED_TYPES = ("bert", "xlm-roberta", "roberta")
 # Linear layers inside the encoder blocks of BERT-family models: attention q/k/v/output and feed-forward.
 LAYER_LINEAR = re.compile(r"(^|\.)(encoder\.layer\.\d+\..*\.(query|key|value|dense))$")
+LAYER_INDEX = re.compile(r"encoder\.layer\.(\d+)\.")
 
 
 def pick_device(requested: str = "auto") -> str:
@@ -164,15 +165,23 @@ def set_attention_dropout(hf_model: torch.nn.Module, p: float) -> None:
             module.p = p
 
 
-def lora_targets(hf_model: torch.nn.Module, spec: str) -> list[str]:
-    """Full names of the modules LoRA adapts: `auto` = every Linear in the encoder blocks."""
+def lora_targets(hf_model: torch.nn.Module, spec: str, top_layers: int) -> list[str]:
+    """Full names of the modules LoRA adapts: `auto` = every Linear in the encoder blocks, of the top `top_layers`."""
     names = [n for n, m in hf_model.named_modules() if LAYER_LINEAR.search(n) and len(list(m.children())) == 0]
     if spec != "auto":
         wanted = set(comma_list(spec))
         names = [n for n, m in hf_model.named_modules() if n.split(".")[-1] in wanted and "encoder.layer." in n]
     if not names:
         raise KitError(f"option --lora_target_modules: '{spec}' matches no module of the encoder layers")
-    return names
+    lowest = hf_model.config.num_hidden_layers - top_layers
+    return [n for n in names if int(LAYER_INDEX.search(n).group(1)) >= lowest]
+
+
+def adapted_layers(requested: int, layers: int) -> int:
+    """How many encoder layers LoRA adapts, from the top: `--lora_layers`, or (0) all of them."""
+    if requested > layers:
+        raise KitError(f"option --lora_layers: {requested} exceeds the encoder's {layers} layers")
+    return requested or layers
 
 
 def world_size() -> int:
@@ -219,6 +228,12 @@ def build_model(cfg: ModelConfig, device: str = "cpu", checkpoint_every: int = 0
     model.max_seq_length = training_length(cfg.max_seq_length or TRAIN_MAX_SEQ_LENGTH, model.max_seq_length)
     hf_model = model[0].auto_model
     set_attention_dropout(hf_model, cfg.attention_dropout)
+    layers = hf_model.config.num_hidden_layers
+    top = layers if precision == "full" else adapted_layers(cfg.lora_layers, layers)
+    if top < layers:
+        logger.info("LoRA on the top %d of %d encoder layers", top, layers)
+    if 2 * top <= layers:  # the rule --gradient_checkpointing's help states
+        checkpoint_every = 0
     if precision == "nf4":
         prepare_model_for_kbit_training(hf_model, use_gradient_checkpointing=checkpoint_every > 0,
                                         gradient_checkpointing_kwargs=checkpointing_kwargs())
@@ -230,7 +245,7 @@ def build_model(cfg: ModelConfig, device: str = "cpu", checkpoint_every: int = 0
     if precision == "full":
         return model
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                      target_modules=lora_targets(hf_model, cfg.lora_target_modules), bias="none")
+                      target_modules=lora_targets(hf_model, cfg.lora_target_modules, top), bias="none")
     model.add_adapter(lora)
     return model
 

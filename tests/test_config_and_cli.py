@@ -36,6 +36,8 @@ def test_defaults_file_and_cli_precedence(tmp_path):
     (["--batch_size", "0"], "--batch_size"),
     (["--max_seq_length", "4"], "--max_seq_length: must be 0 \\(auto\\) or in \\[8, 8192\\]"),
     (["--validation_fraction", "0.9"], "--validation_fraction"),
+    (["--lora_layers", "-1"], "--lora_layers: must be >= 0"),
+    (["--lora_layers", "6", "--precision", "full"], "--lora_layers: applies to LoRA"),
     (["--config", "/nonexistent.yaml"], "does not exist"),
 ])
 def test_bad_values_name_the_option(argv, message):

@@ -64,3 +64,19 @@ def test_two_documents_recipes_are_compared_paired_over_the_same_queries(tmp_pat
                                     tmp_path / "en_anarchist_faq", None, EvalConfig()))
     assert "| en_anarchist_faq | auto-hn1 | +5.00 [+5.00, +5.00] | 0.000 | better |" in table
     assert table.count("| en_anarchist_faq |") == 1  # auto-960 has no run: no row, nothing encoded
+
+
+def test_a_finished_run_is_reused_only_for_the_command_it_ran(tmp_path):
+    """benchmark_documents reuses a finished run by its folder's name: a run of other options under that name (the
+    recipe or the default changed since) is a one-line error, never another run's scores in the table."""
+    from scripts.benchmark_documents import finished_row, row_command
+
+    assert row_command("en_python_doc", "auto-top6") == (
+        "python -m src.trainer --train_file data/dev/en_python_doc/train.jsonl --lora_layers 6")
+    folder = tmp_path / "auto-top6"
+    assert finished_row(folder, row_command("en_python_doc", "auto-top6")) is None  # nothing run yet
+    folder.mkdir()
+    (folder / "benchmark_row.json").write_text(json.dumps({"command": row_command("en_python_doc", "auto")}))
+    with pytest.raises(SystemExit, match="auto-top6 holds a run of '.*train.jsonl', not of '.*--lora_layers 6'"):
+        finished_row(folder, row_command("en_python_doc", "auto-top6"))
+    assert finished_row(folder, row_command("en_python_doc", "auto"))["command"].endswith("train.jsonl")

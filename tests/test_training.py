@@ -85,6 +85,30 @@ def test_checkpointing_every_other_layer_recomputes_half_and_leaves_the_gradient
     assert all(torch.allclose(a, b, atol=1e-6) for every in (1, 2) for a, b in zip(grads[0], grads[every]))
 
 
+@pytest.mark.parametrize("precision", ["none", "nf4"])
+def test_lora_on_the_top_layers_trains_only_them_and_backward_stops_below(tiny_bert, precision):
+    """--lora_layers 1 of 2: adapters on layer 1 alone, no checkpointing (which would send backward through layer
+    0), and layer 0 records nothing for backward; more layers than the encoder has is a one-line error."""
+    from src.errors import KitError
+
+    model = build_model(ModelConfig(model_name_or_path=str(tiny_bert), precision=precision, lora_layers=1),
+                        checkpoint_every=1)
+    hf = model[0].auto_model
+    adapted = {n.split("layer.")[1][0] for n, p in hf.named_parameters() if p.requires_grad}
+    assert adapted == {"1"} and not any(m.gradient_checkpointing for m in hf.encoder.layer)
+    outputs = []
+    hf.encoder.layer[0].register_forward_hook(lambda module, inputs, output: outputs.append(output))
+    model.train()
+    model(batch(model, read_texts(RU_TRAIN, 4))[1])["sentence_embedding"].pow(2).sum().backward()
+    below = outputs[0][0] if isinstance(outputs[0], tuple) else outputs[0]
+    assert not below.requires_grad  # nothing under the lowest adapter is recorded for backward
+    assert all(p.grad is not None for p in hf.parameters() if p.requires_grad)
+    all_layers = build_model(ModelConfig(model_name_or_path=str(tiny_bert), precision=precision), checkpoint_every=1)
+    assert {n.split("layer.")[1][0] for n, p in all_layers.named_parameters() if p.requires_grad} == {"0", "1"}
+    with pytest.raises(KitError, match="option --lora_layers: 3 exceeds the encoder's 2 layers"):
+        build_model(ModelConfig(model_name_or_path=str(tiny_bert), precision=precision, lora_layers=3))
+
+
 def test_training_length_stays_within_the_models_own_limit(tiny_xlmr, caplog):
     """The tiny models are saved with a 64-token limit: 48 is kept, 200 (past it) trains at 64 with a warning,
     0 (auto outside the documents default) is 128, clipped the same way."""
