@@ -77,7 +77,7 @@ def peer_dataset(path: Path):
     return Dataset.from_dict({"anchor": [r["title"] for r in rows], "positive": [r["description"] for r in rows]})
 
 
-def train_peer(dataset, folder: Path, threads: int) -> dict:
+def train_peer(dataset, folder: Path, threads: int, max_seq_length: int = PEER["max_seq_length"]) -> dict:
     """Plain sentence-transformers full fine-tuning on (anchor, positive) pairs, as its documentation trains an e5
     model; saved to `folder`/model."""
     import torch
@@ -93,7 +93,7 @@ def train_peer(dataset, folder: Path, threads: int) -> dict:
         torch.set_num_threads(threads)
     set_seed(PEER["seed"])
     model = load_model(BASE_MODEL)
-    own_length, model.max_seq_length = model.max_seq_length, PEER["max_seq_length"]
+    own_length, model.max_seq_length = model.max_seq_length, max_seq_length
     # warmup_steps=0.1 is warmup_ratio=0.1 (its spelling since transformers v5, which deprecates warmup_ratio)
     args = SentenceTransformerTrainingArguments(
         output_dir=str(folder / "checkpoints"), num_train_epochs=PEER["epochs"], seed=PEER["seed"],
@@ -104,7 +104,7 @@ def train_peer(dataset, folder: Path, threads: int) -> dict:
     trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=dataset,
                                          loss=MultipleNegativesRankingLoss(model))
     result = trainer.train()
-    model.max_seq_length = own_length  # trained at 128, saved with the base's own length, as the kit saves
+    model.max_seq_length = own_length  # trained shorter, saved with the base's own length, as the kit saves
     model.save(str(folder / "model"))
     return {"train_seconds": round(result.metrics["train_runtime"], 1), "steps": trainer.state.global_step,
             "final_train_loss": result.metrics.get("train_loss"), "peak_memory_gb": peak_memory_gb(),
