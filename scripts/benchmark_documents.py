@@ -115,13 +115,13 @@ def peer_pairs(collection: str, construction: str):
 
 def train_peer_run(collection: str, recipe: str, folder: Path) -> None:
     """A peer recipe's training (its own process): the model in `folder`/model, its record in run.json."""
-    from scripts.benchmark_peer import PEER_COMMAND, train_peer
+    from scripts.benchmark_peer import peer_command, train_peer
 
     folder.mkdir(parents=True, exist_ok=True)
     construction, length = PEERS[recipe]
     # threads=0: as OMP_NUM_THREADS says
     record = train_peer(peer_pairs(collection, construction), folder, threads=0, max_seq_length=length)
-    record["objective"] = f"{construction}, {PEER_COMMAND.replace('length 128', f'length {length}')}"
+    record["objective"] = f"{construction}, {peer_command(length)}"
     (folder / "run.json").write_text(json.dumps(record, indent=2) + "\n")
 
 

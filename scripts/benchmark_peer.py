@@ -50,8 +50,12 @@ SYSTEMS = ("base", "peer", "qlora", "kit")
 KIT_OPTIONS = {"qlora": ["--precision", "nf4"], "kit": []}  # the rows that run the kit's own command
 PEER = {"learning_rate": 5e-5, "epochs": 1, "batch_size": 32, "max_seq_length": 128, "warmup_ratio": 0.1,
         "seed": 42}
-PEER_COMMAND = ("sentence-transformers full fine-tuning: MNRL, lr 5e-5, 1 epoch, batch 32, length 128, "
-                "NO_DUPLICATES, warmup_ratio 0.1, seed 42")
+
+
+def peer_command(length: int = PEER["max_seq_length"]) -> str:
+    """The peer's training in words, as its rows record it (at `length` tokens per text)."""
+    return (f"sentence-transformers full fine-tuning: MNRL, lr 5e-5, 1 epoch, batch 32, length {length}, "
+            "NO_DUPLICATES, warmup_ratio 0.1, seed 42")
 
 
 def train_file(catalog: str) -> Path:
@@ -142,7 +146,7 @@ def train(catalog: str, system: str, folder: Path, threads: int, kit_args: str) 
         folder.mkdir(parents=True, exist_ok=True)
         subprocess.run([sys.executable, *args], check=True, env=child_env(threads))
     run = json.loads(record.read_text())
-    return run, (PEER_COMMAND if system == "peer" else command), model
+    return run, (peer_command() if system == "peer" else command), model
 
 
 # --------------------------------------------------------------------------------------------------------
