@@ -34,7 +34,8 @@ import sys
 from pathlib import Path
 
 from src.config import EvalConfig
-from src.evaluation import evaluate_model, load_model
+from src.encoding import load_model
+from src.evaluation import evaluate_model
 from src.metrics import MAIN_METRIC, compare, verdict
 from src.retrieval_data import load_retrieval_data
 from src.settings import comma_list

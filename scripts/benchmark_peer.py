@@ -90,7 +90,7 @@ def train_peer(dataset, folder: Path, threads: int, max_seq_length: int = PEER["
     from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
     from transformers import set_seed
 
-    from src.evaluation import load_model
+    from src.encoding import load_model
 
     started = time.time()
     if threads:
@@ -155,7 +155,8 @@ def train(catalog: str, system: str, folder: Path, threads: int, kit_args: str) 
 
 def evaluate(model_path: str, data, cfg: EvalConfig) -> tuple[dict, dict]:
     """The model's per-query metrics on `data`, as `python -m src.evaluation` computes them; how it was encoded."""
-    from src.evaluation import evaluate_model, load_model
+    from src.encoding import load_model
+    from src.evaluation import evaluate_model
 
     started = time.time()
     model = load_model(model_path)

@@ -207,7 +207,8 @@ def quality(path: str, designs: list[str], steps: int, lr: float, folder: Path, 
     import shutil
 
     from src.config import EvalConfig
-    from src.evaluation import evaluate_model, load_model
+    from src.encoding import load_model
+    from src.evaluation import evaluate_model
     from src.metrics import compare
     from src.retrieval_data import load_retrieval_data
 

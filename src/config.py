@@ -108,12 +108,18 @@ class TrainConfig(Settings):
         "ict: a sentence of a document -> the rest; crop: two random spans of a document; lead: a document's "
         "leading line or sentence -> the rest; keys: its most distinctive words -> it; simcse: dropout-noise "
         "contrastive on texts; tsdae: denoising auto-encoder on texts. Measured: docs/RESULTS.md.", default="auto")
+    adapt: Literal["both", "queries"] = help_field(
+        "both: the adapted model encodes queries and documents (an index built with the base must be encoded "
+        "again). queries: only the query side trains, against the base model's stored embeddings of the training "
+        "documents (the kit's cache), and merged/ encodes documents exactly as the base does: an existing index "
+        "stays valid, only the query encoder changes. For mnrl and lead, ict, crop, keys.", default="both")
     learning_rate: float = help_field("Peak learning rate; 0 = auto: 2e-4 for mnrl alone, 1e-4 for the other "
                                       "objectives (as measured; TSDAE/SimCSE on e5 want far less: 2e-5).", default=0.0)
     batch_size: int = help_field("Texts (or pairs) per device per step; mnrl/simcse use the rest of the batch as "
                                  "negatives, so larger is better for them.", default=32)
     gradient_accumulation_steps: int = help_field("Steps to accumulate before an optimizer update.", default=1)
-    epochs: float = help_field("Passes over the training texts (ignored when max_steps > 0).", default=1.0)
+    epochs: float = help_field("Passes over the training texts (ignored when max_steps > 0); 0 = auto: 1, or 3 for "
+                               "pairs with --adapt queries.", default=0.0)
     max_steps: int = help_field("Stop after this many optimizer steps (0 = use epochs).", default=0)
     warmup_ratio: float = help_field("Fraction of steps for linear warm-up.", default=0.1)
     lr_scheduler: Literal["constant_with_warmup", "linear", "cosine"] = help_field(
@@ -184,7 +190,7 @@ class TrainConfig(Settings):
         check_option(not (self.mini_batch_size and self.anchor_weight), "mini_batch_size",
                      "cannot be combined with --anchor_weight (the anchor needs the whole batch's embeddings at once)")
         check_minimum(self, 16, "loss_chunk_tokens")
-        check_option(self.epochs > 0, "epochs", "must be > 0")
+        check_option(self.epochs >= 0, "epochs", "must be >= 0 (0 = auto)")
         check_option(0.0 <= self.warmup_ratio < 1.0, "warmup_ratio", "must be in [0, 1)")
         check_option(self.mnrl_scale >= 0, "mnrl_scale", "must be >= 0 (0 = auto)")
         parts = self.objective.split("+")

@@ -13,10 +13,8 @@ kit's cache (src/embedding_cache.py; --no_cache turns it off); metrics.json says
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import time
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +22,8 @@ import numpy as np
 from src.cli import parse_groups
 from src.config import EvalConfig, EvaluationArguments
 from src.embedding_cache import EmbeddingCache
-from src.errors import KitError, first_line, run_cli
+from src.encoding import encode, encoding_bf16, open_encoder, prompt_names
+from src.errors import KitError, run_cli
 from src.metrics import DEPTH, MAIN_METRIC, METRICS, compare, format_difference, format_p, score_rankings, verdict
 from src.plots import plot_metrics
 from src.retrieval_data import RetrievalData, load_retrieval_data
@@ -37,33 +36,6 @@ IVF_MIN_POINTS_PER_LIST = 39
 
 # --------------------------------------------------------------------------------------------------------
 # Encoding and search
-
-
-def encoding_bf16(model, setting: str) -> bool:
-    """Whether to encode under bf16 autocast: as training decides (`setting` auto: where bf16 is native), and
-    never across several GPUs, whose worker processes this process's autocast does not reach."""
-    from src.model_builder import bf16_enabled
-
-    return bf16_enabled(model.device.type, setting) and encoding_devices() is None
-
-
-def encode(model, texts: list[str], prompt_name: str | None, batch_size: int,
-           cache: EmbeddingCache | None = None, bf16: bool = False) -> tuple[np.ndarray, float | None]:
-    """Normalized float32 embeddings (sentence-transformers sorts by length and batches) and texts/second: read
-    from `cache` where it holds them (the speed is then None), else computed (and stored there)."""
-    import torch
-
-    if cache is not None and (emb := cache.load(texts, prompt_name)) is not None:
-        return emb, None
-    started = time.perf_counter()
-    with torch.autocast(model.device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
-        emb = model.encode(texts, prompt_name=prompt_name, batch_size=batch_size, show_progress_bar=True,
-                           convert_to_numpy=True, normalize_embeddings=True, device=encoding_devices())
-    emb = emb.astype(np.float32, copy=False)
-    rate = len(texts) / max(time.perf_counter() - started, 1e-9)
-    if cache is not None:
-        cache.store(texts, prompt_name, emb)
-    return emb, rate
 
 
 def build_index(doc_emb: np.ndarray, kind: str):
@@ -102,32 +74,33 @@ def anisotropy(doc_emb: np.ndarray, pairs: int = 2000, seed: int = 0) -> dict[st
     return {"mean": round(float(cos.mean()), 4), "std": round(float(cos.std()), 4)}
 
 
-def prompt_names(model) -> tuple[str | None, str | None]:
-    prompts = model.prompts or {}
-    return ("query" if "query" in prompts else None), ("passage" if "passage" in prompts else None)
-
-
 def evaluate_model(model, data: RetrievalData, cfg: EvalConfig, use_prompts: bool = True,
-                   cache: EmbeddingCache | None = None) -> dict:
+                   cache: EmbeddingCache | None = None, documents: tuple[np.ndarray, str] | None = None) -> dict:
     """Encode (or read from `cache`), search, score: per-query metrics, means, throughput (None where the
-    documents' embeddings were read from the cache), and diagnostics for one model."""
+    documents' embeddings were read from the cache), and diagnostics for one model. `documents`: the corpus
+    embeddings of another model and its name, where this model's document side is that model (a query-side run):
+    then only the queries are encoded. The corpus embeddings come back under `doc_emb`."""
     query_prompt, doc_prompt = prompt_names(model) if use_prompts else (None, None)
     doc_ids, query_ids = list(data.corpus), sorted(data.qrels)
     bf16 = cache.bf16 if cache is not None else encoding_bf16(model, cfg.eval_bf16)  # encoded as its key says
-    doc_emb, doc_rate = encode(model, [data.corpus[d] for d in doc_ids], doc_prompt, cfg.eval_batch_size, cache,
-                               bf16)
+    if documents is None:
+        doc_emb, doc_rate = encode(model, [data.corpus[d] for d in doc_ids], doc_prompt, cfg.eval_batch_size,
+                                   cache, bf16, task="document")
+        doc_source = "cache" if doc_rate is None else "computed"
+    else:
+        (doc_emb, source), doc_rate = documents, None
+        doc_source = f"those of {source}: no document re-encoded"
     query_emb, query_rate = encode(model, [data.queries[q] for q in query_ids], query_prompt, cfg.eval_batch_size,
-                                   cache, bf16)
+                                   cache, bf16, task="query")
     top = search(doc_emb, query_emb, cfg.index)
     rankings = {q: [doc_ids[i] for i in row if i >= 0] for q, row in zip(query_ids, top)}
     per_query = score_rankings(rankings, data.qrels)
     result = {"metrics": {m: float(v.mean()) for m, v in per_query.items()}, "per_query": per_query,
               "documents_per_second": None if doc_rate is None else round(doc_rate, 1),
-              "embeddings": {part: "cache" if rate is None else "computed"
-                             for part, rate in (("documents", doc_rate), ("queries", query_rate))},
+              "embeddings": {"documents": doc_source, "queries": "cache" if query_rate is None else "computed"},
               "prompts": [query_prompt, doc_prompt], "bf16_autocast": bf16,
               "max_seq_length": model.max_seq_length,
-              "anisotropy_diagnostic": anisotropy(doc_emb)}
+              "anisotropy_diagnostic": anisotropy(doc_emb), "doc_emb": doc_emb}
     if cfg.index != "flat":
         result["index_recall@10_vs_exact"] = approximate_recall(top, doc_emb, query_emb)
     return result
@@ -191,7 +164,8 @@ def markdown_report(summary: dict) -> str:
     for n in names:
         r = models[n]
         a = r["anisotropy_diagnostic"]
-        speed = "cached" if r.get("documents_per_second") is None else r["documents_per_second"]
+        documents = r["embeddings"]["documents"]
+        speed = r["documents_per_second"] or ("cached" if documents == "cache" else documents)
         lines.append(f"| {n} | {r['max_seq_length']} | {speed} | {r['prompts']} | "
                      f"{a['mean']} ± {a['std']} |")
     lines += ["", "*Mean cosine of random document pairs is a diagnostic of anisotropy (how crowded the "
@@ -204,56 +178,43 @@ def markdown_report(summary: dict) -> str:
 # Entry points
 
 
-def encoding_devices() -> list[str] | None:
-    """Every GPU when there are several (sentence-transformers then encodes with one process per GPU); else None:
-    the model's own device (on CPU, with the threads torch is given)."""
-    import torch
-
-    count = torch.cuda.device_count()
-    return [f"cuda:{i}" for i in range(count)] if count > 1 else None
-
-
-def load_model(name_or_path: str, device: str | None = None):
-    """A model for encoding, on the GPU when there is one (`device` None), with e5's document prompt."""
-    from sentence_transformers import SentenceTransformer
-
-    from src.provision import e5_document_prompt, resolve_model
-
-    path = resolve_model(name_or_path)
-    try:
-        return e5_document_prompt(SentenceTransformer(str(path), device=device))
-    except (OSError, ValueError) as exc:
-        raise KitError(f"model {path}: cannot load as a sentence-transformers model "
-                       f"({first_line(exc)})") from exc
-
-
-def evaluate_named(name: str, path: str, data: RetrievalData, cfg: EvalConfig, cached: bool) -> dict:
+def evaluate_named(name: str, path: str, data: RetrievalData, cfg: EvalConfig, cached: bool,
+                   documents: tuple[np.ndarray, str] | None = None) -> dict:
     """Load one model as every compared model is configured, and evaluate it (through the cache if `cached`)."""
-    from src.provision import resolve_model
+    logger.info("encoding with %s (%s)%s", name, path,
+                f": queries only, the documents' embeddings are {documents[1]}'s" if documents else "")
+    model, cache, _ = open_encoder(path, cfg, cached)
+    return evaluate_model(model, data, cfg, cache=cache, documents=documents)
 
-    logger.info("encoding with %s (%s)", name, path)
-    folder = resolve_model(path)
-    model = load_model(str(folder))
-    if cfg.eval_max_seq_length:
-        model.max_seq_length = cfg.eval_max_seq_length
-    cache = (EmbeddingCache(model, folder, cfg.eval_batch_size, encoding_bf16(model, cfg.eval_bf16))
-             if cached and not cfg.no_cache else None)
-    return evaluate_model(model, data, cfg, cache=cache)
+
+def evaluate_all(models: dict[str, str], data: RetrievalData, cfg: EvalConfig, cached: set[str] | None,
+                 documents_from: dict[str, str]) -> dict[str, dict]:
+    """Each model's result, in the order of `models`; a model named in `documents_from` is evaluated after the
+    model it takes its documents' embeddings from, and encodes its queries only."""
+    order = sorted(models, key=lambda name: name in documents_from)
+    results = {}
+    for name in order:
+        source = documents_from.get(name)
+        documents = (results[source]["doc_emb"], source) if source else None
+        results[name] = evaluate_named(name, models[name], data, cfg, cached is None or name in cached, documents)
+    return {name: results[name] for name in models}
 
 
 def run_evaluation(models: dict[str, str], cfg: EvalConfig, folder: Path, seed: int = EvaluationArguments.seed,
                    data: RetrievalData | None = None, report_paths: dict[str, str] | None = None,
-                   cached: set[str] | None = None) -> dict:
+                   cached: set[str] | None = None, documents_from: dict[str, str] | None = None) -> dict:
     """Evaluate named models (first = candidate, second = baseline) and write the reports into `folder`. `data`:
     already loaded evaluation data (else read from cfg.eval_data); `report_paths`: how the report names the
     models, where they will not stay where they are evaluated; `cached`: the models whose embeddings may be
-    read from and stored in the kit's cache (None = all; cfg.no_cache = none)."""
+    read from and stored in the kit's cache (None = all; cfg.no_cache = none); `documents_from`: models whose
+    document side is another model's (name -> that model's name), whose corpus embeddings they reuse."""
     if data is None:
         data = load_retrieval_data(cfg.eval_data, cfg.query_column, cfg.document_column)
     data = data.subset(cfg.max_eval_queries, seed)
     logger.info("evaluating on %s: %d queries, %d documents", data.source, len(data.queries), len(data.corpus))
-    results = {name: evaluate_named(name, path, data, cfg, cached is None or name in cached)
-               for name, path in models.items()}
+    results = evaluate_all(models, data, cfg, cached, documents_from or {})
+    for result in results.values():
+        del result["doc_emb"]
     names = list(results)
     comparison = (compare(results[names[0]]["per_query"], results[names[1]]["per_query"], cfg.bootstrap_samples, seed)
                   if len(names) == 2 else None)
@@ -270,17 +231,20 @@ def run_evaluation(models: dict[str, str], cfg: EvalConfig, folder: Path, seed: 
     return summary
 
 
-def evaluate_run(cfg: EvalConfig, base: str, output_dir: str, folder: Path, data: RetrievalData) -> dict:
+def evaluate_run(cfg: EvalConfig, base: str, output_dir: str, folder: Path, data: RetrievalData,
+                 queries_only: bool = False) -> dict:
     """Called by the trainer: the merged model of this run, still in its `.partial` folder (`folder`, to become
     `output_dir`), against the `base` model. Seeded as `python -m src.evaluation` is by default, so that rerunning
     it gives the same intervals. Only the base's embeddings go through the cache: the merged model is new in every
-    run."""
+    run. `queries_only` (a query-side run, whose document side is the base): the corpus is encoded by the base
+    alone, and the adapted model encodes the queries."""
     summary = run_evaluation({"adapted": str(folder / "merged"), "base": base}, cfg, folder / "evaluation",
                              data=data, report_paths={"adapted": str(Path(output_dir) / "merged"), "base": base},
-                             cached={"base"})
+                             cached={"base"}, documents_from={"adapted": "base"} if queries_only else None)
     comp = summary["comparison"]
     return {"verdict": comp["verdict"], MAIN_METRIC: comp["metrics"][MAIN_METRIC],
-            "adapted": summary["models"]["adapted"]["metrics"], "base": summary["models"]["base"]["metrics"]}
+            "adapted": summary["models"]["adapted"]["metrics"], "base": summary["models"]["base"]["metrics"],
+            "documents_reencoded": not queries_only}
 
 
 def main(argv=None) -> None:

@@ -86,18 +86,33 @@ def finalize_run_folder(partial: Path, final: Path) -> None:
         os.replace(partial, final)
 
 
-def save_models(model: SentenceTransformer, model_cfg: ModelConfig, folder: Path) -> None:
+def save_models(model: SentenceTransformer, model_cfg: ModelConfig, folder: Path, queries_only: bool = False) -> None:
     """adapter/ (LoRA runs) and merged/ (always). The merge goes into a freshly loaded full-precision base,
     never into the 4-bit one, which would re-quantize and lose precision. Both keep the base model's own
-    maximum length: --max_seq_length is a training setting, and evaluation must compare like with like."""
+    maximum length: --max_seq_length is a training setting, and evaluation must compare like with like.
+    `queries_only` (a query-side run): adapter/ is the query encoder's adapter alone, and merged/ routes queries
+    to the adapted encoder and documents to an untouched copy of the base (`query_document_model`)."""
     base = load_sentence_transformer(model_cfg, device="cpu", quantize=False)
     model.max_seq_length = base.max_seq_length
     if model_cfg.precision == "full":
-        model.save(str(folder / "merged"))
-        return
-    model.save(str(folder / "adapter"))
-    base[0].auto_model = merge_adapter(base[0].auto_model, folder / "adapter")
-    base.save(str(folder / "merged"))
+        merged = model
+    else:
+        model.save(str(folder / "adapter"))
+        base[0].auto_model = merge_adapter(base[0].auto_model, folder / "adapter")
+        merged = base
+    if queries_only:
+        merged = query_document_model(merged, load_sentence_transformer(model_cfg, device="cpu", quantize=False))
+    merged.save(str(folder / "merged"))
+
+
+def query_document_model(query: SentenceTransformer, document: SentenceTransformer) -> SentenceTransformer:
+    """One model of two encoders (sentence-transformers' Router): `encode_query` runs `query`, `encode_document`
+    (and plain `encode`) runs `document`, with the same prompts. It loads with `SentenceTransformer(path)`."""
+    from sentence_transformers.base.modules import Router
+
+    router = Router.for_query_document(query_modules=list(query.children()),
+                                       document_modules=list(document.children()))
+    return SentenceTransformer(modules=[router], prompts=dict(document.prompts), device="cpu")
 
 
 def merge_adapter(base: torch.nn.Module, adapter_dir: Path) -> torch.nn.Module:

@@ -37,6 +37,7 @@ from src.checkpoints import CHECKPOINTS, checkpoint_step, load_trainable_state, 
 from src.config import TrainConfig
 from src.create_dataset import TrainingData
 from src.document_pairs import DocumentPairs
+from src.encoding import StoredEncoder
 from src.objectives import parts
 from src.plan import RunPlan
 from src.retrieval_data import RetrievalData, pairs_to_retrieval
@@ -73,11 +74,18 @@ def development_pairs(data: TrainingData, construction: str, train: TrainConfig)
 class SelectionEvaluator(InformationRetrievalEvaluator):
     """The evaluator, encoding under bf16 autocast when training runs in it (`bf16`): model selection's evaluations
     run outside the trainer's autocast, and in fp32 they took as long as ten training steps on the catalog. The
-    embeddings come back as fp32, so scores and ranks are computed as before."""
+    embeddings come back as fp32, so scores and ranks are computed as before. With `stored` (a query-side run), the
+    corpus is the base model's stored embeddings, computed once: only the queries are encoded by the model."""
 
-    def __init__(self, *args, bf16: bool = False, **kwargs):
+    def __init__(self, *args, bf16: bool = False, stored: StoredEncoder | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.bf16 = bf16
+        self.stored_corpus = torch.from_numpy(stored.documents(self.corpus)) if stored is not None else None
+
+    def compute_all_metrics(self, model, corpus_model=None, corpus_embeddings=None, output_path=None):
+        if self.stored_corpus is not None:
+            corpus_embeddings = self.stored_corpus.to(model.device)
+        return super().compute_all_metrics(model, corpus_model, corpus_embeddings, output_path)
 
     def embed_inputs(self, model, *args, **kwargs):
         with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=self.bf16):
@@ -93,18 +101,18 @@ class MonitorEvaluator(SelectionEvaluator):
 
 
 def retrieval_evaluator(name: str, data: RetrievalData, model: SentenceTransformer, batch_size: int, bf16: bool,
-                        kind: type = SelectionEvaluator):
+                        stored: StoredEncoder | None, kind: type = SelectionEvaluator):
     """sentence-transformers' evaluator over queries, corpus and qrels (binary: relevant or not), with the model's
-    e5 prompts."""
+    e5 prompts; the corpus `stored` by the base model in a query-side run."""
     prompts = model.prompts or {}
     return kind(
         data.queries, data.corpus, {q: set(d) for q, d in data.qrels.items()}, name=name, batch_size=batch_size,
         query_prompt=prompts.get("query"), corpus_prompt=prompts.get("passage"), ndcg_at_k=[10], mrr_at_k=[10],
-        accuracy_at_k=[1], precision_recall_at_k=[10], map_at_k=[100], bf16=bf16)
+        accuracy_at_k=[1], precision_recall_at_k=[10], map_at_k=[100], bf16=bf16, stored=stored)
 
 
 def dev_evaluator(model: SentenceTransformer, data: TrainingData, plan: RunPlan, train: TrainConfig,
-                  batch_size: int, bf16: bool):
+                  batch_size: int, bf16: bool, stored: StoredEncoder | None):
     """nDCG@10 of the development queries against their documents, among up to --dev_distractors others
     (without them, ~100 documents make the task too easy to tell checkpoints apart): the model-selection
     signal. Development items are excluded from training, and the held-out test pairs are never looked at."""
@@ -123,16 +131,17 @@ def dev_evaluator(model: SentenceTransformer, data: TrainingData, plan: RunPlan,
         logger.warning("model selection uses %s pairs of held-out documents, built like the training pairs: they "
                        "reward the training task itself, not real queries; use --dev_construction auto, and judge "
                        "the result with --eval_data", plan.dev_construction)
-    return retrieval_evaluator(DEV_NAME, dev, model, batch_size, bf16)
+    return retrieval_evaluator(DEV_NAME, dev, model, batch_size, bf16, stored)
 
 
-def with_monitor(dev, model: SentenceTransformer, monitor: RetrievalData | None, batch_size: int, bf16: bool):
+def with_monitor(dev, model: SentenceTransformer, monitor: RetrievalData | None, batch_size: int, bf16: bool,
+                 stored: StoredEncoder | None):
     """The development evaluator, followed by the monitor when --monitor_data is given (its score never selects)."""
     if monitor is None:
         return dev
     logger.info("monitoring %s: %d queries among %d documents, scored at every development evaluation, never "
                 "selected on", monitor.source, len(monitor.queries), len(monitor.corpus))
-    watched = retrieval_evaluator(MONITOR_NAME, monitor, model, batch_size, bf16, MonitorEvaluator)
+    watched = retrieval_evaluator(MONITOR_NAME, monitor, model, batch_size, bf16, stored, MonitorEvaluator)
     return SequentialEvaluator([dev, watched], main_score_function=lambda scores: scores[0])
 
 
@@ -260,13 +269,13 @@ class ModelSelection(TrainerCallback):
 
 
 def model_selection(model: SentenceTransformer, data: TrainingData, plan: RunPlan, train: TrainConfig,
-                    batch_size: int, monitor: RetrievalData | None, folder: Path, bf16: bool = False
-                    ) -> ModelSelection | None:
+                    batch_size: int, monitor: RetrievalData | None, folder: Path, bf16: bool = False,
+                    stored: StoredEncoder | None = None) -> ModelSelection | None:
     """The run's model selection, or None when the plan selects nothing or the data holds too few pairs; `bf16`:
-    encode under bf16 autocast, as training does."""
-    dev = dev_evaluator(model, data, plan, train, batch_size, bf16) if plan.select_best else None
+    encode under bf16 autocast, as training does; `stored`: the base's document embeddings (a query-side run)."""
+    dev = dev_evaluator(model, data, plan, train, batch_size, bf16, stored) if plan.select_best else None
     if dev is None:
         if monitor is not None:
             logger.warning("--monitor_data is not scored: no model selection in this run")
         return None
-    return ModelSelection(model, folder, with_monitor(dev, model, monitor, batch_size, bf16), plan.lora_scales)
+    return ModelSelection(model, folder, with_monitor(dev, model, monitor, batch_size, bf16, stored), plan.lora_scales)

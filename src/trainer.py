@@ -47,12 +47,14 @@ from src.checkpoints import (
 from src.cli import parse_config
 from src.config import Config, TrainConfig
 from src.create_dataset import TrainingData, load_training_data
+from src.encoding import StoredEncoder
 from src.errors import KitError, run_cli
 from src.evaluation import evaluate_run
 from src.model_builder import bf16_enabled, build_model, pick_device, trained_precision, world_rank, world_size
 from src.objectives import build_objective, needs_pairs, needs_texts, uses_in_batch_negatives
 from src.plan import RunPlan, describe, plan_run
 from src.plots import plot_loss
+from src.query_side import query_side_objective
 from src.retrieval_data import RetrievalData, load_retrieval_data
 from src.run_folder import finalize_run_folder, partial_folder, prepare_run_folder, save_models, save_settings
 from src.run_summary import summary_lines, training_counts
@@ -94,14 +96,15 @@ def training_arguments(train: TrainConfig, plan: RunPlan, folder: Path, device: 
     return SentenceTransformerTrainingArguments(
         output_dir=str(folder / CHECKPOINTS), per_device_train_batch_size=train.batch_size,
         per_device_eval_batch_size=train.batch_size, gradient_accumulation_steps=train.gradient_accumulation_steps,
-        learning_rate=plan.learning_rate, num_train_epochs=train.epochs, max_steps=plan.max_steps or -1,
+        learning_rate=plan.learning_rate, num_train_epochs=plan.epochs, max_steps=plan.max_steps or -1,
         warmup_steps=train.warmup_ratio, lr_scheduler_type=train.lr_scheduler, weight_decay=train.weight_decay,
         logging_steps=train.logging_steps, save_steps=train.save_steps, save_total_limit=SAVE_TOTAL_LIMIT,
         seed=train.seed, data_seed=train.seed, bf16=bf16_enabled(device, train.bf16), use_cpu=device == "cpu",
         report_to="none", eval_strategy="steps" if has_dev else "no", eval_steps=plan.eval_steps if has_dev else None,
         prompts=prompts or None, dataloader_num_workers=0,
         # The duplicate check reads every row: for TSDAE alone that would compute each text's noise twice.
-        batch_sampler=(BatchSamplers.NO_DUPLICATES if uses_in_batch_negatives(plan.objective)
+        # A query-side run's negatives are the stored documents, never the batch's: no batch needs to be unique.
+        batch_sampler=(BatchSamplers.NO_DUPLICATES if uses_in_batch_negatives(plan.objective) and plan.adapt == "both"
                        else BatchSamplers.BATCH_SAMPLER),
         ddp_backend="gloo" if device == "cpu" and world_size() > 1 else None,
         ddp_find_unused_parameters=False, disable_tqdm=False, logging_first_step=True,
@@ -114,13 +117,18 @@ def build_trainer(cfg: Config, plan: RunPlan, model, data: TrainingData, folder:
     trainer."""
     t = cfg.train
     resolved = dataclasses.replace(t, mnrl_scale=plan.mnrl_scale, max_steps=plan.max_steps)  # as the plan decided
-    objective = build_objective(plan.objective, resolved, cfg.noise, model, data)
+    # the query side trains against the base's document embeddings, computed once (and cached) as the index has them
+    stored = StoredEncoder(cfg.model.model_name_or_path, cfg.eval) if plan.adapt == "queries" else None
+    objective = (query_side_objective(plan.objective, resolved, model, data, stored) if stored is not None
+                 else build_objective(plan.objective, resolved, cfg.noise, model, data))
     if objective.decoder is not None:
         # Registered under the Transformer module, so data-parallel wrappers see (and all-reduce) its weights
         # and the checkpoints include them.
         model[0].tsdae_decoder = objective.decoder
     selection = model_selection(model, data, plan, t, cfg.eval.eval_batch_size, monitor, folder,
-                                bf16_enabled(device, t.bf16))
+                                bf16_enabled(device, t.bf16), stored)
+    if stored is not None:
+        stored.close()  # the base model is not needed during training
     callbacks = [TrainableStateCallback(model), StopOnSignalCallback(), EpochCallback(objective.epoch_aware)]
     if objective.decoder is not None and t.decoder_warmup_steps:
         decoder_ids = {id(p) for p in objective.decoder.parameters()}
@@ -199,7 +207,7 @@ def write_outputs(cfg: Config, plan: RunPlan, folder: Path, trainer: KitTrainer,
     plot_loss(folder / "loss.png", history, plan.objective, Path(cfg.output.output_dir).name,
               summary["dev_ndcg@10_by_step"], selected["step"] if selected else None, summary["lora_scale"],
               summary.get("monitor_ndcg@10_by_step"))
-    save_models(trainer.model, cfg.model, folder)
+    save_models(trainer.model, cfg.model, folder, queries_only=plan.adapt == "queries")
 
 
 def train_model(cfg: Config, plan: RunPlan, data: TrainingData, folder: Path, device: str,
@@ -248,7 +256,7 @@ def train(cfg: Config) -> Path:
     free_memory(device)
     if eval_data is not None:
         summary["evaluation"] = evaluate_run(cfg.eval, cfg.model.model_name_or_path, cfg.output.output_dir, folder,
-                                             eval_data)
+                                             eval_data, queries_only=plan.adapt == "queries")
     summary["total_seconds"] = round(time.time() - started, 1)
     (folder / "run.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     finalize_run_folder(folder, Path(cfg.output.output_dir))

@@ -115,7 +115,7 @@ def test_development_pairs_are_never_built_like_the_training_pairs_unless_asked(
     for construction, warned in (("lead", True), ("crop", False), ("auto", False)):
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="src.selection"):
-            assert dev_evaluator(model, data, plan("lead", construction), TrainConfig(), 8, False) is not None
+            assert dev_evaluator(model, data, plan("lead", construction), TrainConfig(), 8, False, None) is not None
         assert ("built like the training pairs" in caplog.text) == warned
 
 

@@ -134,7 +134,7 @@ def test_the_fingerprint_follows_the_weights_not_the_path(tmp_path, tiny_bert):
 
 
 def test_bf16_autocast_is_a_key_part_and_encodes_as_fp32_does(tmp_path, cache_dir, tiny_bert):
-    from src.evaluation import encode, load_model
+    from src.encoding import encode, load_model
 
     models, pairs = {"model": str(tiny_bert)}, _pairs(tmp_path / "pairs.jsonl")
     fp32 = _evaluate(tmp_path / "fp32", models, pairs, eval_bf16="no")["model"]

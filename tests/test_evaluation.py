@@ -7,8 +7,9 @@ import pytest
 from conftest import ROOT, RU_TRAIN
 
 from src.config import EvalConfig
+from src.encoding import load_model
 from src.errors import KitError
-from src.evaluation import approximate_recall, evaluate_model, load_model, markdown_report, search
+from src.evaluation import approximate_recall, evaluate_model, markdown_report, search
 from src.metrics import METRICS, compare, format_p, query_metrics, score_rankings, verdict
 from src.retrieval_data import RetrievalData, load_beir, load_pairs, load_retrieval_data
 
@@ -240,7 +241,7 @@ def test_metrics_plot_is_written(tmp_path, two):
 def test_several_gpus_encode_with_one_process_each_and_one_device_encodes_alone(monkeypatch):
     import torch
 
-    from src.evaluation import encode
+    from src.encoding import encode
 
     seen = {}
 

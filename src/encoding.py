@@ -1,0 +1,121 @@
+"""Encoding a list of texts into the normalized embeddings a FAISS index stores, as the evaluation and the
+query-side training (src/query_side.py) both need it: one loader, one encoder, one cache (src/embedding_cache.py).
+
+The documents' embeddings of the base model are what a user's index already holds; `StoredEncoder` computes them
+exactly as the evaluation does (same length, same bf16 setting, same cache entries), so that a query-side run
+trains against the very vectors it will be searched against.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import logging
+import time
+
+import numpy as np
+
+from src.config import EvalConfig
+from src.embedding_cache import EmbeddingCache
+from src.errors import KitError, first_line
+from src.model_builder import bf16_enabled
+
+logger = logging.getLogger(__name__)
+
+
+def encoding_devices() -> list[str] | None:
+    """Every GPU when there are several (sentence-transformers then encodes with one process per GPU); else None:
+    the model's own device (on CPU, with the threads torch is given)."""
+    import torch
+
+    count = torch.cuda.device_count()
+    return [f"cuda:{i}" for i in range(count)] if count > 1 else None
+
+
+def encoding_bf16(model, setting: str) -> bool:
+    """Whether to encode under bf16 autocast: as training decides (`setting` auto: where bf16 is native), and
+    never across several GPUs, whose worker processes this process's autocast does not reach."""
+    return bf16_enabled(model.device.type, setting) and encoding_devices() is None
+
+
+def encode(model, texts: list[str], prompt_name: str | None, batch_size: int, cache: EmbeddingCache | None = None,
+           bf16: bool = False, task: str | None = None) -> tuple[np.ndarray, float | None]:
+    """Normalized float32 embeddings (sentence-transformers sorts by length and batches) and texts/second: read
+    from `cache` where it holds them (the speed is then None), else computed (and stored there). `task`
+    ("query"/"document") picks the route of an asymmetric model (a query-side run's merged/); others ignore it."""
+    import torch
+
+    if cache is not None and (emb := cache.load(texts, prompt_name)) is not None:
+        return emb, None
+    started = time.perf_counter()
+    with torch.autocast(model.device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
+        emb = model.encode(texts, prompt_name=prompt_name, batch_size=batch_size, show_progress_bar=True,
+                           convert_to_numpy=True, normalize_embeddings=True, device=encoding_devices(), task=task)
+    emb = emb.astype(np.float32, copy=False)
+    rate = len(texts) / max(time.perf_counter() - started, 1e-9)
+    if cache is not None:
+        cache.store(texts, prompt_name, emb)
+    return emb, rate
+
+
+def prompt_names(model) -> tuple[str | None, str | None]:
+    prompts = model.prompts or {}
+    return ("query" if "query" in prompts else None), ("passage" if "passage" in prompts else None)
+
+
+def load_model(name_or_path: str, device: str | None = None):
+    """A model for encoding, on the GPU when there is one (`device` None), with e5's document prompt."""
+    from sentence_transformers import SentenceTransformer
+
+    from src.provision import e5_document_prompt, resolve_model
+
+    path = resolve_model(name_or_path)
+    try:
+        return e5_document_prompt(SentenceTransformer(str(path), device=device))
+    except (OSError, ValueError) as exc:
+        raise KitError(f"model {path}: cannot load as a sentence-transformers model "
+                       f"({first_line(exc)})") from exc
+
+
+def open_encoder(path: str, cfg: EvalConfig, cached: bool) -> tuple[object, EmbeddingCache | None, bool]:
+    """A model configured as every compared model is (--eval_max_seq_length), its cache (None when `cached` is
+    false or --no_cache) and whether it encodes under bf16 autocast (as its cache key says)."""
+    from src.provision import resolve_model
+
+    folder = resolve_model(path)
+    model = load_model(str(folder))
+    if cfg.eval_max_seq_length:
+        model.max_seq_length = cfg.eval_max_seq_length
+    bf16 = encoding_bf16(model, cfg.eval_bf16)
+    cache = EmbeddingCache(model, folder, cfg.eval_batch_size, bf16) if cached and not cfg.no_cache else None
+    return model, cache, bf16
+
+
+class StoredEncoder:
+    """The base model's document embeddings, as the user's index stores them and the evaluation computes them
+    (through the kit's cache): the fixed side of a query-side run. The model loads on first use; `close` frees it
+    before training starts.
+
+    Args:
+        base: the base model's name or folder.
+        cfg: the evaluation settings (batch size, length, bf16, cache) every stored embedding is computed with.
+    """
+
+    def __init__(self, base: str, cfg: EvalConfig):
+        self.base, self.cfg = base, cfg
+        self.model = self.cache = None
+        self.bf16 = False
+
+    def documents(self, texts: list[str]) -> np.ndarray:
+        """Normalized float32 embeddings of `texts` as documents (e5's `passage: ` prompt)."""
+        if self.model is None:
+            self.model, self.cache, self.bf16 = open_encoder(self.base, self.cfg, cached=True)
+        logger.info("stored document embeddings: %d texts by the base model %s", len(texts), self.base)
+        emb, _ = encode(self.model, texts, prompt_names(self.model)[1], self.cfg.eval_batch_size, self.cache,
+                        self.bf16, task="document")
+        return emb
+
+    def close(self) -> None:
+        self.model = self.cache = None
+        gc.collect()
+
