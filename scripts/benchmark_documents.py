@@ -34,13 +34,14 @@ import sys
 from pathlib import Path
 
 from src.config import EvalConfig
-from src.encoding import load_model
+from src.encoding import open_encoder
 from src.evaluation import evaluate_model
 from src.metrics import MAIN_METRIC, compare, verdict
 from src.retrieval_data import load_retrieval_data
 from src.settings import comma_list
 
 ROOT = Path(__file__).resolve().parent.parent
+BASE_MODEL = "intfloat/multilingual-e5-small"
 DEV = ROOT / "data" / "dev"
 TEST_FOLDERS = {"ru_catalog_docs": ROOT / "data" / "ru_catalog" / "test"}  # the rest: data/dev/<name>/test
 # Recipe -> the trainer's options. "guard" = model selection on development pairs from held-out documents +
@@ -61,6 +62,10 @@ RECIPES = {
     "auto-rt10": ["--round_trip_top_k", "10", *T128],  # ... on documents whose lead finds them in the base's top 10
     "auto-320-s50": ["--max_steps", "10", "--mnrl_scale", "50", *T128],  # ... at the pairs' similarity scale
     "auto-320-s20": ["--max_steps", "10", "--mnrl_scale", "20", *T128],  # ... at sentence-transformers' (before)
+    # the query side alone (--adapt queries): documents keep the base's embeddings, nothing is re-encoded
+    "auto-q": ["--adapt", "queries"],  # the default's lead pairs (640, 256 tokens, scale 100) against stored documents
+    "auto-q-1920": ["--adapt", "queries", "--max_steps", "60"],  # ... on three times the pairs (cheaper steps)
+    "auto-q-lr2": ["--adapt", "queries", "--learning_rate", "2e-4"],  # ... at the learning rate of pairs
     "auto-320-s20-rt10": ["--max_steps", "10", "--mnrl_scale", "20", "--round_trip_top_k", "10", *T128],
     # the budget of before (10 steps of 32, no selection) on keyword queries (scale 20, as other objectives)
     "keys-320": ["--objective", "keys", "--max_steps", "10", *NO_GUARD],
@@ -146,19 +151,33 @@ def train(collection: str, recipe: str, folder: Path, monitor: bool) -> dict:
     return json.loads((folder / "run.json").read_text())
 
 
+def model_result(model_path: str, data, cfg: EvalConfig) -> dict:
+    """evaluate_model's result for one model, as the trainer's evaluation computes it: the base through the kit's
+    embedding cache, and a query-side run's model (merged/ routes documents to the base) with the base's corpus
+    embeddings, its queries alone encoded."""
+    if model_path == BASE_MODEL:
+        model, cache, _ = open_encoder(BASE_MODEL, cfg, cached=True)
+        return evaluate_model(model, data, cfg, cache=cache)
+    documents = None
+    if (Path(model_path) / "router_config.json").exists():
+        documents = (model_result(BASE_MODEL, data, cfg)["doc_emb"], "base")
+    model, _, _ = open_encoder(model_path, cfg, cached=False)
+    return evaluate_model(model, data, cfg, documents=documents)
+
+
 def per_query(model_path: str, data, cfg: EvalConfig, cache: Path) -> dict:
     """A model's per-query metrics on a collection's test, encoded once and kept in `cache` (JSON)."""
     import numpy as np
 
     if not cache.exists():
-        result = evaluate_model(load_model(model_path), data, cfg)
+        result = model_result(model_path, data, cfg)
         cache.parent.mkdir(parents=True, exist_ok=True)
         cache.write_text(json.dumps({m: v.tolist() for m, v in result["per_query"].items()}))
     return {m: np.array(v) for m, v in json.loads(cache.read_text()).items()}
 
 
 def base_result(collection: str, data, cfg: EvalConfig, folder: Path) -> dict:
-    return per_query("intfloat/multilingual-e5-small", data, cfg, folder / "base_per_query.json")
+    return per_query(BASE_MODEL, data, cfg, folder / "base_per_query.json")
 
 
 def run_result(recipe: str, folder: Path, data, cfg: EvalConfig) -> dict:

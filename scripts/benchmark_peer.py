@@ -155,14 +155,10 @@ def train(catalog: str, system: str, folder: Path, threads: int, kit_args: str) 
 
 def evaluate(model_path: str, data, cfg: EvalConfig) -> tuple[dict, dict]:
     """The model's per-query metrics on `data`, as `python -m src.evaluation` computes them; how it was encoded."""
-    from src.encoding import load_model
-    from src.evaluation import evaluate_model
+    from scripts.benchmark_documents import model_result
 
     started = time.time()
-    model = load_model(model_path)
-    if cfg.eval_max_seq_length:
-        model.max_seq_length = cfg.eval_max_seq_length
-    result = evaluate_model(model, data, cfg)
+    result = model_result(model_path, data, cfg)
     return result["per_query"], {"eval_seconds": round(time.time() - started, 1),
                                  "eval_max_seq_length": result["max_seq_length"], "eval_prompts": result["prompts"]}
 

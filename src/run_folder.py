@@ -53,6 +53,11 @@ RESUMABLE = {"train.resume", "train.threads", "train.device", "train.logging_ste
              "model.allow_pickle", "train.batch_size", "train.gradient_accumulation_steps"}
 
 
+# A query-side run trains against the base's document embeddings computed with these evaluation settings: a resumed
+# run must train (and compare its development scores) against the same vectors.
+QUERY_SIDE_FIXED = ("eval_max_seq_length", "eval_bf16", "eval_batch_size")
+
+
 def check_resumable(saved: dict, current: dict, partial: Path) -> None:
     """Refuse to resume a run under settings other than those it started with (its config.json)."""
     was, now = (t.get("batch_size", 0) * t.get("gradient_accumulation_steps", 0)
@@ -60,10 +65,12 @@ def check_resumable(saved: dict, current: dict, partial: Path) -> None:
     if was != now:
         raise UsageError(f"option --batch_size: the run in {partial} was started with an effective batch of {was} "
                          f"(--batch_size x --gradient_accumulation_steps), not {now}; keep the product to resume")
-    for group in ("data", "noise", "model", "train"):
+    fixed = {f"eval.{o}" for o in QUERY_SIDE_FIXED} if current["train"].get("adapt") == "queries" else set()
+    for group in ("data", "noise", "model", "train", "eval"):
         for option in sorted(set(saved.get(group, {})) | set(current[group])):
             was, now = saved.get(group, {}).get(option, "(not recorded)"), current[group].get(option)
-            if f"{group}.{option}" not in RESUMABLE and was != now:
+            checked = f"{group}.{option}" in fixed if group == "eval" else f"{group}.{option}" not in RESUMABLE
+            if checked and was != now:
                 raise UsageError(f"option --{option}: the run in {partial} was started with {was!r}, not {now!r}; "
                                  f"resume with the same settings, or start again with --overwrite")
 
@@ -112,7 +119,9 @@ def query_document_model(query: SentenceTransformer, document: SentenceTransform
 
     router = Router.for_query_document(query_modules=list(query.children()),
                                        document_modules=list(document.children()))
-    return SentenceTransformer(modules=[router], prompts=dict(document.prompts), device="cpu")
+    return SentenceTransformer(modules=[router], prompts=dict(document.prompts), device="cpu",
+                               default_prompt_name=document.default_prompt_name,
+                               similarity_fn_name=document.similarity_fn_name)
 
 
 def merge_adapter(base: torch.nn.Module, adapter_dir: Path) -> torch.nn.Module:

@@ -62,4 +62,7 @@ def kept_line(summary: dict) -> str:
 
 def saved_line(final: Path) -> str:
     kinds = {"merged": "merged/ (standalone model)", "adapter": "adapter/ (LoRA adapter)"}
+    if (final / "merged" / "router_config.json").exists():  # a query-side run (src/run_folder.py)
+        kinds = {"merged": "merged/ (encode_query adapted, encode_document exactly the base: keep your index)",
+                 "adapter": "adapter/ (the LoRA adapter: load it for queries only)"}
     return f"saved: {final}/ " + ", ".join(v for k, v in kinds.items() if (final / k).is_dir())

@@ -59,13 +59,19 @@ NO_SELECTION = {"selected": None, "lora_scale": 1.0, "dev_ndcg@10_by_step": None
 # The development signal
 
 
-def development_pairs(data: TrainingData, construction: str, train: TrainConfig) -> tuple[list, list[str]]:
+def development_pairs(data: TrainingData, construction: str, train: TrainConfig,
+                      whole: bool = False) -> tuple[list, list[str]]:
     """The development pairs and the pool of distractor documents: the held-out items' pair columns when the
     file has them; for documents alone, pairs built by `construction` from held-out documents (which never
-    train), among the positive sides built the same way from training documents."""
+    train), among the positive sides built the same way from training documents. `whole` (a query-side run,
+    whose documents are stored whole): the held-out documents themselves are the positives, among the training
+    documents."""
     if data.dev_pairs:
         return data.dev_pairs, sorted({d for _, d in data.pairs})
     dev = DocumentPairs(construction, train.seed_for("development"))
+    if whole:
+        pairs = [(dev(t, i)[0], t) for i, t in enumerate(data.dev_texts)]
+        return [(q, d) for q, d in pairs if q != d], list(data.texts)
     pool = DocumentPairs(construction, train.seed_for("distractors"))
     pairs = [dev(t, i) for i, t in enumerate(data.dev_texts)]
     return [(q, d) for q, d in pairs if q != d], [pool(t, i)[1] for i, t in enumerate(data.texts)]
@@ -116,7 +122,7 @@ def dev_evaluator(model: SentenceTransformer, data: TrainingData, plan: RunPlan,
     """nDCG@10 of the development queries against their documents, among up to --dev_distractors others
     (without them, ~100 documents make the task too easy to tell checkpoints apart): the model-selection
     signal. Development items are excluded from training, and the held-out test pairs are never looked at."""
-    pairs, pool = development_pairs(data, plan.dev_construction, train)
+    pairs, pool = development_pairs(data, plan.dev_construction, train, whole=stored is not None)
     if len(pairs) < MIN_DEV_PAIRS:
         logger.warning("model selection skipped: %d development pairs (fewer than %d)", len(pairs), MIN_DEV_PAIRS)
         return None

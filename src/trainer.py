@@ -54,7 +54,7 @@ from src.model_builder import bf16_enabled, build_model, pick_device, trained_pr
 from src.objectives import build_objective, needs_pairs, needs_texts, uses_in_batch_negatives
 from src.plan import RunPlan, describe, plan_run
 from src.plots import plot_loss
-from src.query_side import query_side_objective
+from src.query_side import BANK_DOCUMENTS, query_side_objective
 from src.retrieval_data import RetrievalData, load_retrieval_data
 from src.run_folder import finalize_run_folder, partial_folder, prepare_run_folder, save_models, save_settings
 from src.run_summary import summary_lines, training_counts
@@ -176,7 +176,9 @@ def read_inputs(cfg: Config) -> tuple[RunPlan, TrainingData, RetrievalData | Non
     plan = plan_run(cfg, [str(c) for c in frame.columns], world_size())
     data = load_training_data(cfg.data, cfg.train.seed, needs_texts(plan.objective), needs_pairs(plan.objective),
                               frame, plan.holdout_fraction)
-    examples = len(data.pairs) * needs_pairs(plan.objective) + len(data.texts) * needs_texts(plan.objective)
+    # a query-side run on documents alone trains on its bank's documents only
+    texts = min(len(data.texts), BANK_DOCUMENTS) if plan.adapt == "queries" else len(data.texts)
+    examples = len(data.pairs) * needs_pairs(plan.objective) + texts * needs_texts(plan.objective)
     plan = plan.with_budget(examples, cfg.train, world_size())
     logger.info("plan: %s", describe(plan, cfg.train, world_size()))
     logger.info("objective %s: %s", plan.objective, training_counts(plan.objective, len(data.texts), len(data.pairs),

@@ -113,3 +113,24 @@ def test_documents_alone_train_their_pseudo_queries_against_the_stored_documents
 def test_combinations_without_a_query_side_are_one_line_errors(train, message):
     with pytest.raises(UsageError, match=message):
         plan_run(Config(train=TrainConfig(adapt="queries", **train)), ["title", "description", "text"])
+
+
+def test_query_side_development_queries_search_the_whole_held_out_documents():
+    from src.create_dataset import TrainingData
+    from src.selection import development_pairs
+
+    texts = [f"Heading {i}\nBody sentence number {i} about topic {i % 7}. Another sentence {i}." for i in range(30)]
+    data = TrainingData(texts=texts[:20], dev_texts=texts[20:])
+    pairs, pool = development_pairs(data, "crop", TrainConfig(seed=0), whole=True)
+    assert [d for _, d in pairs] == texts[20:] and pool == texts[:20]  # as the index stores them: whole
+
+
+def test_a_resumed_query_side_run_keeps_the_settings_its_stored_embeddings_were_computed_with(tmp_path):
+    from src.run_folder import check_resumable
+
+    started = Config(train=TrainConfig(adapt="queries")).to_dict()
+    longer = Config(train=TrainConfig(adapt="queries", resume=True), eval=EvalConfig(eval_max_seq_length=256))
+    with pytest.raises(UsageError, match="--eval_max_seq_length: the run in .* was started with 0, not 256"):
+        check_resumable(started, longer.to_dict(), tmp_path)
+    both = Config(train=TrainConfig(resume=True), eval=EvalConfig(eval_max_seq_length=256))
+    check_resumable(Config().to_dict(), both.to_dict(), tmp_path)  # the evaluation after training may change
