@@ -66,6 +66,7 @@ RECIPES = {
     "auto-q": ["--adapt", "queries"],  # the default's lead pairs (640, 256 tokens, scale 100) against stored documents
     "auto-q-1920": ["--adapt", "queries", "--max_steps", "60"],  # ... on three times the pairs (cheaper steps)
     "auto-q-lr2": ["--adapt", "queries", "--learning_rate", "2e-4"],  # ... at the learning rate of pairs
+    "auto-qmap": ["--adapt", "queries+map"],  # ... with a linear map of the stored document vectors trained too
     "auto-320-s20-rt10": ["--max_steps", "10", "--mnrl_scale", "20", "--round_trip_top_k", "10", *T128],
     # the budget of before (10 steps of 32, no selection) on keyword queries (scale 20, as other objectives)
     "keys-320": ["--objective", "keys", "--max_steps", "10", *NO_GUARD],

@@ -4,6 +4,7 @@
     python -m scripts.benchmark_scale --sizes 1000           # one size (a few minutes on one thread)
     python -m scripts.benchmark_scale --build_only           # only the corpora
     python -m scripts.benchmark_scale --reading --sizes 100000   # memory of merely reading the files, no model
+    python -m scripts.benchmark_scale --sizes 10000 --kit_args "--adapt queries" --tag q   # the query side alone
 
 Corpora (built once under <work>/corpora/n<N>/, reused while their build.json matches): from the Debian package
 texts in --shared (../shared/data/debian_packages_en.jsonl and _ru.jsonl; provenance in its README.md), both
@@ -206,7 +207,7 @@ def shown(path: Path) -> str:
 def trainer_args(corpus: Path, out: Path, size: int, args) -> list[str]:
     command = ["-m", "src.trainer", "--train_file", shown(corpus / "train.jsonl"), "--eval_data",
                shown(corpus / "test"), "--output_dir", shown(out), "--threads", str(args.threads)]
-    return command + (["--index", args.index] if size >= args.index_from else [])
+    return command + (["--index", args.index] if size >= args.index_from else []) + shlex.split(args.kit_args)
 
 
 def child_env(cache: Path, threads: int) -> dict:
@@ -254,7 +255,7 @@ def run_record(out: Path) -> dict:
 
 def benchmark_run(work: Path, size: int, run: str, args) -> dict:
     """One run of the default command (its row is reused unless --rerun): the row of the table."""
-    out = work / "runs" / f"n{size}-{run}"
+    out = work / "runs" / (f"n{size}-{run}" + (f"-{args.tag}" if args.tag else ""))
     if (out / "benchmark_row.json").exists() and not args.rerun:
         return json.loads((out / "benchmark_row.json").read_text())
     cache = work / "cache" / f"n{size}"
@@ -265,7 +266,8 @@ def benchmark_run(work: Path, size: int, run: str, args) -> dict:
     command = trainer_args(corpus_folder(work, size), out, size, args)
     print(f"--- n{size} {run}: python {shlex.join(command)}", flush=True)
     wall, peak = run_child(command, child_env(cache, args.threads), out.with_name(out.name + ".log"))
-    row = {"documents": size, "run": run, "wall_seconds": round(wall, 1), "peak_gb_process": round(peak, 2),
+    row = {"documents": size, "run": run, "tag": args.tag, "wall_seconds": round(wall, 1),
+           "peak_gb_process": round(peak, 2),
            **run_record(out), "threads": args.threads, "command": "python " + shlex.join(command)}
     (out / "benchmark_row.json").write_text(json.dumps(row, indent=2) + "\n")
     return row
@@ -324,7 +326,8 @@ def table_line(r: dict) -> str:
     index = (f"{r['index']} ({recall['base']:.3f} / {recall['adapted']:.3f})" if r["index"] != "flat"
              else "flat (exact)")
     ndcg = r["ndcg@10"]
-    return (f"| {r['documents']:,} | {r['run']} | {r['wall_seconds']:.0f} | {r['train_seconds']:.0f} "
+    run = r["run"] + (f" ({r['tag']})" if r.get("tag") else "")
+    return (f"| {r['documents']:,} | {run} | {r['wall_seconds']:.0f} | {r['train_seconds']:.0f} "
             f"({r['steps']} steps) | {r['peak_gb_process']:.2f} ({r['peak_memory_gb_before_evaluation']:.2f}) | "
             f"{base} | {100 * ndcg['base']:.2f} -> {100 * ndcg['adapted']:.2f} | {index} | `{r['command']}` |")
 
@@ -343,7 +346,7 @@ def reading_lines(records: list[dict]) -> list[str]:
 def write_results(work: Path) -> str:
     """results.json and results.md from every finished row and reading check under `work`; the Markdown."""
     rows = [json.loads(p.read_text()) for p in (work / "runs").glob("n*-*/benchmark_row.json")]
-    rows.sort(key=lambda r: (r["documents"], RUNS.index(r["run"])))
+    rows.sort(key=lambda r: (r["documents"], r.get("tag", ""), RUNS.index(r["run"])))
     reading = sorted((json.loads(p.read_text()) for p in (work / "corpora").glob("n*/reading.json")),
                      key=lambda r: r["documents"])
     builds = {p.parent.name: json.loads(p.read_text()) for p in (work / "corpora").glob("n*/build.json")}
@@ -370,8 +373,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--build_only", action="store_true", help="build the corpora, run nothing")
     parser.add_argument("--reading", action="store_true", help="measure reading the files (no model), no runs")
     parser.add_argument("--rerun", action="store_true", help="redo finished runs instead of reusing their rows")
+    parser.add_argument("--kit_args", default="", help="options added to the kit's command, e.g. "
+                        "--kit_args '--adapt queries' (needs --tag)")
+    parser.add_argument("--tag", default="", help="names the rows (and run folders) of --kit_args")
     parser.add_argument("--read_check", default="", help=argparse.SUPPRESS)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.kit_args and not args.tag:
+        parser.error("--kit_args needs --tag, a name for the rows it runs")
+    return args
 
 
 def main(argv=None) -> None:

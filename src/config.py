@@ -108,11 +108,13 @@ class TrainConfig(Settings):
         "ict: a sentence of a document -> the rest; crop: two random spans of a document; lead: a document's "
         "leading line or sentence -> the rest; keys: its most distinctive words -> it; simcse: dropout-noise "
         "contrastive on texts; tsdae: denoising auto-encoder on texts. Measured: docs/RESULTS.md.", default="auto")
-    adapt: Literal["both", "queries"] = help_field(
+    adapt: Literal["both", "queries", "queries+map"] = help_field(
         "both: the adapted model encodes queries and documents (an index built with the base must be encoded "
         "again). queries: only the query side trains, against the base model's stored embeddings of the training "
         "documents (the kit's cache), and merged/ encodes documents exactly as the base does: an existing index "
-        "stays valid, only the query encoder changes. For mnrl and lead, ict, crop, keys.", default="both")
+        "stays valid, only the query encoder changes. queries+map: also one linear map of the stored document "
+        "vectors (rewrite the index with one matrix product; no text encoded again). For mnrl and lead, ict, crop, "
+        "keys.", default="both")
     learning_rate: float = help_field("Peak learning rate; 0 = auto: 2e-4 for mnrl alone, 1e-4 for the other "
                                       "objectives (as measured; TSDAE/SimCSE on e5 want far less: 2e-5).", default=0.0)
     batch_size: int = help_field("Texts (or pairs) per device per step; mnrl/simcse use the rest of the batch as "

@@ -58,6 +58,35 @@ def encode(model, texts: list[str], prompt_name: str | None, batch_size: int, ca
     return emb, rate
 
 
+def document_vector_modules(model) -> list:
+    """The modules of an asymmetric model's document route that act on the embedding alone, after the route's first
+    normalization: a `--adapt queries+map` run's document map. None for any other model."""
+    from sentence_transformers.base.modules import Normalize, Router
+
+    if not isinstance(model[0], Router):
+        return []
+    route = list(model[0].sub_modules["document"])
+    ends = [i for i, module in enumerate(route) if isinstance(module, Normalize)]
+    return route[ends[0] + 1 :] if ends else []
+
+
+def rewrite_stored(model, vectors: np.ndarray) -> np.ndarray:
+    """The base model's stored document vectors as `model` encodes the same documents (a query-side run's merged/):
+    through its document map, where it has one, else unchanged. This is how to update an index without encoding
+    any document text again."""
+    import torch
+
+    modules = document_vector_modules(model)
+    if not modules:
+        return vectors
+    stored = torch.from_numpy(np.ascontiguousarray(vectors, dtype=np.float32))
+    features = {"sentence_embedding": stored.to(model.device)}
+    with torch.no_grad():
+        for module in modules:
+            features = module(features)
+    return features["sentence_embedding"].float().cpu().numpy()
+
+
 def prompt_names(model) -> tuple[str | None, str | None]:
     prompts = model.prompts or {}
     return ("query" if "query" in prompts else None), ("passage" if "passage" in prompts else None)

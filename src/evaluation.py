@@ -22,7 +22,7 @@ import numpy as np
 from src.cli import parse_groups
 from src.config import EvalConfig, EvaluationArguments
 from src.embedding_cache import EmbeddingCache
-from src.encoding import encode, encoding_bf16, open_encoder, prompt_names
+from src.encoding import encode, encoding_bf16, open_encoder, prompt_names, rewrite_stored
 from src.errors import KitError, run_cli
 from src.metrics import DEPTH, MAIN_METRIC, METRICS, compare, format_difference, format_p, score_rankings, verdict
 from src.plots import plot_metrics
@@ -89,7 +89,9 @@ def evaluate_model(model, data: RetrievalData, cfg: EvalConfig, use_prompts: boo
         doc_source = "cache" if doc_rate is None else "computed"
     else:
         (doc_emb, source), doc_rate = documents, None
-        doc_source = f"those of {source}: no document re-encoded"
+        rewritten = rewrite_stored(model, doc_emb)
+        through = " through the document map" if rewritten is not doc_emb else ""
+        doc_emb, doc_source = rewritten, f"those of {source}{through}: no document re-encoded"
     query_emb, query_rate = encode(model, [data.queries[q] for q in query_ids], query_prompt, cfg.eval_batch_size,
                                    cache, bf16, task="query")
     top = search(doc_emb, query_emb, cfg.index)

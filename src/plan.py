@@ -21,7 +21,7 @@ from src.config import DOCUMENT_CONSTRUCTIONS, Config, TrainConfig
 from src.errors import UsageError
 from src.model_builder import TRAIN_MAX_SEQ_LENGTH
 from src.objectives import examples_per_step, needs_pairs, needs_texts, parts
-from src.query_side import QUERY_SIDE_PARTS
+from src.query_side import QUERY_SIDE_MODES, QUERY_SIDE_PARTS
 
 logger = logging.getLogger(__name__)
 
@@ -155,16 +155,17 @@ def check_lever(option: str, value, objective: str, applies_to: tuple[str, ...])
 
 
 def check_query_side(train: TrainConfig, objective: str) -> None:
-    """`--adapt queries` needs an objective with a query side, and no lever that acts on the documents' side."""
-    if train.adapt != "queries":
+    """`--adapt queries` (or queries+map) needs one objective with a query side, and no lever that acts on the
+    documents' side."""
+    if train.adapt not in QUERY_SIDE_MODES:
         return
     if objective not in QUERY_SIDE_PARTS:
-        raise UsageError(f"option --adapt queries: needs one objective with a query side "
+        raise UsageError(f"option --adapt {train.adapt}: needs one objective with a query side "
                          f"({', '.join(QUERY_SIDE_PARTS)}), not {objective}; use --adapt both")
     for option in ("hard_negatives", "round_trip_top_k", "mini_batch_size", "anchor_weight"):
         if getattr(train, option):
-            raise UsageError(f"option --{option}: cannot be combined with --adapt queries (every stored training "
-                             f"document is already a negative, and no document passes through the model)")
+            raise UsageError(f"option --{option}: cannot be combined with --adapt {train.adapt} (every stored "
+                             f"training document is already a negative, and no document passes through the model)")
 
 
 def plan_run(cfg: Config, columns: list[str], world: int = 1) -> RunPlan:
@@ -187,7 +188,7 @@ def plan_run(cfg: Config, columns: list[str], world: int = 1) -> RunPlan:
         raise UsageError("option --monitor_data: the documents-alone default trains without model selection; pass "
                          f"--objective {DOCUMENTS_DEFAULT} to select on development pairs and monitor them")
     check_query_side(t, objective)
-    select, pairs_alone, queries = t.select_best and not recipe, objective == "mnrl", t.adapt == "queries"
+    select, pairs_alone, queries = t.select_best and not recipe, objective == "mnrl", t.adapt in QUERY_SIDE_MODES
     learning_rate = t.learning_rate or (PAIRS_LEARNING_RATE if pairs_alone else OTHER_LEARNING_RATE)
     scale = t.mnrl_scale or (QUERY_SIDE_SCALE if queries else PAIRS_SCALE if pairs_alone
                              else DOCUMENTS_SCALE if recipe else OTHER_SCALE)
@@ -205,8 +206,8 @@ def describe(plan: RunPlan, train: TrainConfig, world: int = 1) -> str:
     steps = f"{plan.max_steps} steps" if plan.max_steps else f"{plan.epochs:g} epoch(s)"
     per_step = (f"{examples_per_step(train, world)} per step of up to {plan.max_seq_length} tokens, "
                 f"lr {plan.learning_rate:g}")
-    trained = plan.objective + (" (query side only, against the base's stored documents, scale "
-                                f"{plan.mnrl_scale:g})" if plan.adapt == "queries" else "")
+    trained = plan.objective + (f" (--adapt {plan.adapt}: the query side against the base's stored documents, "
+                                f"scale {plan.mnrl_scale:g})" if plan.adapt != "both" else "")
     if plan.select_best:
         return (f"{trained} for {steps} of {per_step}; model selection every {plan.eval_steps} "
                 f"steps on {plan.holdout_fraction:.0%} of the rows held out")

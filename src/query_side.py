@@ -33,6 +33,10 @@ from src.objectives import Objective
 logger = logging.getLogger(__name__)
 
 QUERY_SIDE_PARTS = ("mnrl", *DOCUMENT_CONSTRUCTIONS)  # objectives with a query side (tsdae and simcse have none)
+# --adapt values that train the query side alone: `queries` keeps the stored document vectors as they are;
+# `queries+map` also learns one linear map of them (the index is then rewritten by one matrix product, no document
+# text encoded again).
+QUERY_SIDE_MODES = ("queries", "queries+map")
 # Documents alone: the bank (and the documents whose pseudo-queries train) is a seeded sample of at most this many
 # training documents. The documents recipe trains a fixed number of pairs whatever the file's size, so without a cap
 # a 100,000-document file would spend most of a run encoding its bank; 8,192 stored embeddings of 384 dimensions
@@ -48,15 +52,18 @@ class StoredEmbeddingsLoss(torch.nn.Module):
         model: the SentenceTransformer being trained (its query side).
         bank: normalized, fixed document embeddings (rows), computed once by the base model.
         scale: inverse temperature of the softmax (e5 was trained at 0.01, scale 100).
+        document_map: a square Linear applied to every stored vector (then normalized) before the search, trained
+            with the adapter (`--adapt queries+map`); None: the stored vectors as they are.
 
     Inputs: a text column (the queries) and `label`, each query's row in `bank`. Reference: the softmax over a
     fixed index of Sung et al. (module docstring); with `bank` = the batch's documents it is
     MultipleNegativesRankingLoss with the document side frozen.
     """
 
-    def __init__(self, model: SentenceTransformer, bank: torch.Tensor, scale: float):
+    def __init__(self, model: SentenceTransformer, bank: torch.Tensor, scale: float,
+                 document_map: torch.nn.Linear | None = None):
         super().__init__()
-        self.model, self.scale = model, scale
+        self.model, self.scale, self.document_map = model, scale, document_map
         self.bank = bank  # a plain attribute, not a buffer: fixed data, never saved into checkpoints or models
 
     def forward(self, sentence_features, labels: torch.Tensor) -> torch.Tensor:
@@ -65,12 +72,39 @@ class StoredEmbeddingsLoss(torch.nn.Module):
             self.bank = self.bank.to(queries.device)  # once: the bank stays on the training device
         # fp32 similarities even under bf16 autocast: bf16 rounds a cosine near 0.8 by about 0.004, a logit by 0.4
         with torch.autocast(queries.device.type, enabled=False):
-            logits = self.scale * F.normalize(queries.float(), dim=-1) @ self.bank.T
+            documents = mapped(self.bank, self.document_map)
+            logits = self.scale * F.normalize(queries.float(), dim=-1) @ documents.T
         return F.cross_entropy(logits, labels.to(queries.device))
 
     @property
     def citation(self) -> str:
         return "Sung et al., Optimizing Test-Time Query Representations for Dense Retrieval, Findings of ACL 2023"
+
+
+def mapped(vectors: torch.Tensor, document_map: torch.nn.Linear | None) -> torch.Tensor:
+    """Stored document vectors as the search sees them: through the document map and normalized again, if any."""
+    if document_map is None:
+        return vectors
+    return F.normalize(document_map(vectors.to(document_map.weight.dtype)), dim=-1)
+
+
+def attach_document_map(model: SentenceTransformer, dimension: int) -> torch.nn.Linear:
+    """A `dimension` x `dimension` map starting as the identity (so step 0 is the base), registered under the
+    model's first module, as the TSDAE decoder is: the optimizer, data-parallel wrappers, the checkpoints and model
+    selection's best state all see its weight. `detach_document_map` takes it off before the model is saved."""
+    document_map = torch.nn.Linear(dimension, dimension, bias=False, device=model.device)
+    with torch.no_grad():
+        document_map.weight.copy_(torch.eye(dimension))
+    model[0].document_map = document_map
+    return document_map
+
+
+def detach_document_map(model: SentenceTransformer) -> torch.nn.Linear | None:
+    """The trained document map, taken off the model (None when the run trains none)."""
+    document_map = getattr(model[0], "document_map", None)
+    if document_map is not None:
+        del model[0].document_map
+    return document_map
 
 
 def pairs_bank(data: TrainingData) -> tuple[list[str], list[tuple[str, int]]]:
@@ -114,10 +148,10 @@ def document_queries_dataset(texts: list[str], indices: list[int], construction:
 
 
 def query_side_objective(objective: str, train: TrainConfig, model: SentenceTransformer, data: TrainingData,
-                         stored: StoredEncoder) -> Objective:
+                         stored: StoredEncoder, with_map: bool = False) -> Objective:
     """The training dataset (queries and their documents' rows in the bank) and StoredEmbeddingsLoss over the
-    base model's embeddings of the bank, for one part of QUERY_SIDE_PARTS. Model selection's development data is
-    src/selection.py's (its corpus stored the same way)."""
+    base model's embeddings of the bank, for one part of QUERY_SIDE_PARTS; `with_map`: a document map trains too.
+    Model selection's development data is src/selection.py's (its corpus stored the same way)."""
     prompts = model.prompts or {}
     epoch_aware = []
     if objective == "mnrl":
@@ -131,5 +165,6 @@ def query_side_objective(objective: str, train: TrainConfig, model: SentenceTran
     bank = torch.from_numpy(stored.documents(documents))
     logger.info("query side: %d training queries against %d stored document embeddings", len(dataset), len(bank))
     query_prompt = {"anchor": prompts["query"]} if prompts.get("query") else {}
-    return Objective(dataset, None, StoredEmbeddingsLoss(model, bank, train.mnrl_scale), query_prompt,
+    document_map = attach_document_map(model, bank.shape[1]) if with_map else None
+    return Objective(dataset, None, StoredEmbeddingsLoss(model, bank, train.mnrl_scale, document_map), query_prompt,
                      epoch_aware=epoch_aware)

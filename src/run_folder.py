@@ -17,6 +17,7 @@ from src.cli import RESOLVED
 from src.config import Config, ModelConfig, OutputConfig
 from src.errors import KitError, UsageError
 from src.model_builder import load_sentence_transformer
+from src.query_side import QUERY_SIDE_MODES
 from src.selection import BEST_FILE
 
 SETTINGS_FILE = "config.json"
@@ -65,7 +66,7 @@ def check_resumable(saved: dict, current: dict, partial: Path) -> None:
     if was != now:
         raise UsageError(f"option --batch_size: the run in {partial} was started with an effective batch of {was} "
                          f"(--batch_size x --gradient_accumulation_steps), not {now}; keep the product to resume")
-    fixed = {f"eval.{o}" for o in QUERY_SIDE_FIXED} if current["train"].get("adapt") == "queries" else set()
+    fixed = {f"eval.{o}" for o in QUERY_SIDE_FIXED} if current["train"].get("adapt") in QUERY_SIDE_MODES else set()
     for group in ("data", "noise", "model", "train", "eval"):
         for option in sorted(set(saved.get(group, {})) | set(current[group])):
             was, now = saved.get(group, {}).get(option, "(not recorded)"), current[group].get(option)
@@ -93,12 +94,14 @@ def finalize_run_folder(partial: Path, final: Path) -> None:
         os.replace(partial, final)
 
 
-def save_models(model: SentenceTransformer, model_cfg: ModelConfig, folder: Path, queries_only: bool = False) -> None:
+def save_models(model: SentenceTransformer, model_cfg: ModelConfig, folder: Path, queries_only: bool = False,
+                document_map: torch.nn.Linear | None = None) -> None:
     """adapter/ (LoRA runs) and merged/ (always). The merge goes into a freshly loaded full-precision base,
     never into the 4-bit one, which would re-quantize and lose precision. Both keep the base model's own
     maximum length: --max_seq_length is a training setting, and evaluation must compare like with like.
     `queries_only` (a query-side run): adapter/ is the query encoder's adapter alone, and merged/ routes queries
-    to the adapted encoder and documents to an untouched copy of the base (`query_document_model`)."""
+    to the adapted encoder and documents to an untouched copy of the base (`query_document_model`), followed by
+    the `document_map` where one trained."""
     base = load_sentence_transformer(model_cfg, device="cpu", quantize=False)
     model.max_seq_length = base.max_seq_length
     if model_cfg.precision == "full":
@@ -108,17 +111,24 @@ def save_models(model: SentenceTransformer, model_cfg: ModelConfig, folder: Path
         base[0].auto_model = merge_adapter(base[0].auto_model, folder / "adapter")
         merged = base
     if queries_only:
-        merged = query_document_model(merged, load_sentence_transformer(model_cfg, device="cpu", quantize=False))
+        document = load_sentence_transformer(model_cfg, device="cpu", quantize=False)
+        merged = query_document_model(merged, document, document_map)
     merged.save(str(folder / "merged"))
 
 
-def query_document_model(query: SentenceTransformer, document: SentenceTransformer) -> SentenceTransformer:
+def query_document_model(query: SentenceTransformer, document: SentenceTransformer,
+                         document_map: torch.nn.Linear | None = None) -> SentenceTransformer:
     """One model of two encoders (sentence-transformers' Router): `encode_query` runs `query`, `encode_document`
-    (and plain `encode`) runs `document`, with the same prompts. It loads with `SentenceTransformer(path)`."""
-    from sentence_transformers.base.modules import Router
+    (and plain `encode`) runs `document`, then `document_map` and a normalization where there is one, with the
+    same prompts. It loads with `SentenceTransformer(path)`."""
+    from sentence_transformers.base.modules import Dense, Normalize, Router
 
-    router = Router.for_query_document(query_modules=list(query.children()),
-                                       document_modules=list(document.children()))
+    documents = list(document.children())
+    if document_map is not None:
+        weight = document_map.weight.detach().float().cpu()
+        documents += [Dense(weight.shape[1], weight.shape[0], bias=False, activation_function=None,
+                            init_weight=weight), Normalize()]
+    router = Router.for_query_document(query_modules=list(query.children()), document_modules=documents)
     return SentenceTransformer(modules=[router], prompts=dict(document.prompts), device="cpu",
                                default_prompt_name=document.default_prompt_name,
                                similarity_fn_name=document.similarity_fn_name)

@@ -40,6 +40,7 @@ from src.document_pairs import DocumentPairs
 from src.encoding import StoredEncoder
 from src.objectives import parts
 from src.plan import RunPlan
+from src.query_side import mapped
 from src.retrieval_data import RetrievalData, pairs_to_retrieval
 
 logger = logging.getLogger(__name__)
@@ -90,7 +91,9 @@ class SelectionEvaluator(InformationRetrievalEvaluator):
 
     def compute_all_metrics(self, model, corpus_model=None, corpus_embeddings=None, output_path=None):
         if self.stored_corpus is not None:
-            corpus_embeddings = self.stored_corpus.to(model.device)
+            document_map = getattr(model[0], "document_map", None)  # as it is now, where one trains
+            with torch.no_grad():
+                corpus_embeddings = mapped(self.stored_corpus.to(model.device), document_map)
         return super().compute_all_metrics(model, corpus_model, corpus_embeddings, output_path)
 
     def embed_inputs(self, model, *args, **kwargs):

@@ -54,7 +54,7 @@ from src.model_builder import bf16_enabled, build_model, pick_device, trained_pr
 from src.objectives import build_objective, needs_pairs, needs_texts, uses_in_batch_negatives
 from src.plan import RunPlan, describe, plan_run
 from src.plots import plot_loss
-from src.query_side import BANK_DOCUMENTS, query_side_objective
+from src.query_side import BANK_DOCUMENTS, detach_document_map, query_side_objective
 from src.retrieval_data import RetrievalData, load_retrieval_data
 from src.run_folder import finalize_run_folder, partial_folder, prepare_run_folder, save_models, save_settings
 from src.run_summary import summary_lines, training_counts
@@ -118,9 +118,9 @@ def build_trainer(cfg: Config, plan: RunPlan, model, data: TrainingData, folder:
     t = cfg.train
     resolved = dataclasses.replace(t, mnrl_scale=plan.mnrl_scale, max_steps=plan.max_steps)  # as the plan decided
     # the query side trains against the base's document embeddings, computed once (and cached) as the index has them
-    stored = StoredEncoder(cfg.model.model_name_or_path, cfg.eval) if plan.adapt == "queries" else None
-    objective = (query_side_objective(plan.objective, resolved, model, data, stored) if stored is not None
-                 else build_objective(plan.objective, resolved, cfg.noise, model, data))
+    stored = StoredEncoder(cfg.model.model_name_or_path, cfg.eval) if plan.adapt != "both" else None
+    objective = (query_side_objective(plan.objective, resolved, model, data, stored, plan.adapt == "queries+map")
+                 if stored is not None else build_objective(plan.objective, resolved, cfg.noise, model, data))
     if objective.decoder is not None:
         # Registered under the Transformer module, so data-parallel wrappers see (and all-reduce) its weights
         # and the checkpoints include them.
@@ -177,7 +177,7 @@ def read_inputs(cfg: Config) -> tuple[RunPlan, TrainingData, RetrievalData | Non
     data = load_training_data(cfg.data, cfg.train.seed, needs_texts(plan.objective), needs_pairs(plan.objective),
                               frame, plan.holdout_fraction)
     # a query-side run on documents alone trains on its bank's documents only
-    texts = min(len(data.texts), BANK_DOCUMENTS) if plan.adapt == "queries" else len(data.texts)
+    texts = min(len(data.texts), BANK_DOCUMENTS) if plan.adapt != "both" else len(data.texts)
     examples = len(data.pairs) * needs_pairs(plan.objective) + texts * needs_texts(plan.objective)
     plan = plan.with_budget(examples, cfg.train, world_size())
     logger.info("plan: %s", describe(plan, cfg.train, world_size()))
@@ -209,7 +209,8 @@ def write_outputs(cfg: Config, plan: RunPlan, folder: Path, trainer: KitTrainer,
     plot_loss(folder / "loss.png", history, plan.objective, Path(cfg.output.output_dir).name,
               summary["dev_ndcg@10_by_step"], selected["step"] if selected else None, summary["lora_scale"],
               summary.get("monitor_ndcg@10_by_step"))
-    save_models(trainer.model, cfg.model, folder, queries_only=plan.adapt == "queries")
+    save_models(trainer.model, cfg.model, folder, queries_only=plan.adapt != "both",
+                document_map=detach_document_map(trainer.model))
 
 
 def train_model(cfg: Config, plan: RunPlan, data: TrainingData, folder: Path, device: str,
@@ -258,7 +259,7 @@ def train(cfg: Config) -> Path:
     free_memory(device)
     if eval_data is not None:
         summary["evaluation"] = evaluate_run(cfg.eval, cfg.model.model_name_or_path, cfg.output.output_dir, folder,
-                                             eval_data, queries_only=plan.adapt == "queries")
+                                             eval_data, queries_only=plan.adapt != "both")
     summary["total_seconds"] = round(time.time() - started, 1)
     (folder / "run.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     finalize_run_folder(folder, Path(cfg.output.output_dir))

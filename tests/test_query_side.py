@@ -134,3 +134,18 @@ def test_a_resumed_query_side_run_keeps_the_settings_its_stored_embeddings_were_
         check_resumable(started, longer.to_dict(), tmp_path)
     both = Config(train=TrainConfig(resume=True), eval=EvalConfig(eval_max_seq_length=256))
     check_resumable(Config().to_dict(), both.to_dict(), tmp_path)  # the evaluation after training may change
+
+
+def test_a_document_map_rewrites_the_stored_vectors_as_the_saved_model_encodes_documents(tmp_path, tiny_xlmr):
+    from src.encoding import rewrite_stored
+
+    cfg = run_config(tmp_path, tiny_xlmr, "map", objective="auto", adapt="queries+map", max_steps=3,
+                     learning_rate=1e-2)
+    cfg.data.max_train_texts = 80
+    folder = trainer_module.train(cfg)
+    texts = read_texts(RU_TRAIN, 6)
+    merged = SentenceTransformer(str(folder / "merged"), device="cpu")
+    stored = SentenceTransformer(str(tiny_xlmr), device="cpu").encode(texts, prompt="passage: ")
+    assert np.abs(merged.encode_document(texts) - stored).max() > 1e-4  # the map trained: documents moved
+    np.testing.assert_allclose(rewrite_stored(merged, stored), merged.encode_document(texts), atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(rewrite_stored(merged, stored), axis=1), 1.0, atol=1e-5)
