@@ -11,6 +11,7 @@ Rows (systems), per catalog (data/<catalog>_catalog/train.jsonl: title -> descri
                 as a (title, description) pair, e5 prompts (`query: ` on the title, `passage: ` on the
                 description), MultipleNegativesRankingLoss (scale 20), learning rate 5e-5, 1 epoch, batch 32,
                 max_seq_length 128, BatchSamplers.NO_DUPLICATES, warmup_ratio 0.1 (linear decay), seed 42
+    peer50      the same at MNRL scale 50 (the kit's pairs scale; the peer's best setting on the catalogs)
     qlora       the kit's command with `--precision nf4`: 4-bit NF4 base + LoRA whatever the encoder's size
     kit         the kit's default command (`--precision auto`: for e5-small LoRA on the full-precision base, where
                 4-bit saves nothing), with its model selection
@@ -46,16 +47,17 @@ from src.metrics import MAIN_METRIC, compare, format_p
 from src.settings import comma_list
 
 BASE_MODEL = "intfloat/multilingual-e5-small"
-SYSTEMS = ("base", "peer", "qlora", "kit")
+SYSTEMS = ("base", "peer", "peer50", "qlora", "kit")
+PEER_SCALES = {"peer": 20.0, "peer50": 50.0}  # MNRL's similarity scale: sentence-transformers' default, the kit's
 KIT_OPTIONS = {"qlora": ["--precision", "nf4"], "kit": []}  # the rows that run the kit's own command
 PEER = {"learning_rate": 5e-5, "epochs": 1, "batch_size": 32, "max_seq_length": 128, "warmup_ratio": 0.1,
         "seed": 42}
 
 
-def peer_command(length: int = PEER["max_seq_length"]) -> str:
-    """The peer's training in words, as its rows record it (at `length` tokens per text)."""
-    return (f"sentence-transformers full fine-tuning: MNRL, lr 5e-5, 1 epoch, batch 32, length {length}, "
-            "NO_DUPLICATES, warmup_ratio 0.1, seed 42")
+def peer_command(length: int = PEER["max_seq_length"], scale: float = PEER_SCALES["peer"]) -> str:
+    """The peer's training in words, as its rows record it (at `length` tokens per text, MNRL at `scale`)."""
+    return (f"sentence-transformers full fine-tuning: MNRL (scale {scale:g}), lr 5e-5, 1 epoch, batch 32, length "
+            f"{length}, NO_DUPLICATES, warmup_ratio 0.1, seed 42")
 
 
 def train_file(catalog: str) -> Path:
@@ -81,7 +83,8 @@ def peer_dataset(path: Path):
     return Dataset.from_dict({"anchor": [r["title"] for r in rows], "positive": [r["description"] for r in rows]})
 
 
-def train_peer(dataset, folder: Path, threads: int, max_seq_length: int = PEER["max_seq_length"]) -> dict:
+def train_peer(dataset, folder: Path, threads: int, max_seq_length: int = PEER["max_seq_length"],
+               scale: float = PEER_SCALES["peer"]) -> dict:
     """Plain sentence-transformers full fine-tuning on (anchor, positive) pairs, as its documentation trains an e5
     model; saved to `folder`/model."""
     import torch
@@ -106,7 +109,7 @@ def train_peer(dataset, folder: Path, threads: int, max_seq_length: int = PEER["
         prompts={"anchor": model.prompts["query"], "positive": model.prompts["passage"]},
         save_strategy="no", logging_steps=10, report_to="none")
     trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=dataset,
-                                         loss=MultipleNegativesRankingLoss(model))
+                                         loss=MultipleNegativesRankingLoss(model, scale=scale))
     result = trainer.train()
     model.max_seq_length = own_length  # trained shorter, saved with the base's own length, as the kit saves
     model.save(str(folder / "model"))
@@ -133,8 +136,8 @@ def child_env(threads: int) -> dict:
 
 def train(catalog: str, system: str, folder: Path, threads: int, kit_args: str) -> tuple[dict, str, Path]:
     """Train one row in its own process (unless its record exists): (record, command, model folder)."""
-    if system == "peer":
-        args = ["-m", "scripts.benchmark_peer", "--one", "peer", "--catalogs", catalog, "--output_dir",
+    if system in PEER_SCALES:
+        args = ["-m", "scripts.benchmark_peer", "--one", system, "--catalogs", catalog, "--output_dir",
                 str(folder), "--threads", str(threads)]
         record, model = folder / "peer.json", folder / "model"
     else:
@@ -146,7 +149,7 @@ def train(catalog: str, system: str, folder: Path, threads: int, kit_args: str) 
         folder.mkdir(parents=True, exist_ok=True)
         subprocess.run([sys.executable, *args], check=True, env=child_env(threads))
     run = json.loads(record.read_text())
-    return run, (peer_command() if system == "peer" else command), model
+    return run, (peer_command(scale=PEER_SCALES[system]) if system in PEER_SCALES else command), model
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -228,7 +231,7 @@ def finished_rows(out: Path, samples: int) -> list[dict]:
     found = {(r["catalog"], r["row"]): per_query(out, r) for r in rows}
     for r in rows:
         mine = found[(r["catalog"], r["row"])]
-        for other, key in (("base", "vs_base"), ("peer", "vs_peer")):
+        for other, key in (("base", "vs_base"), ("peer", "vs_peer"), ("peer50", "vs_peer50")):
             if r["row"] not in ("base", other) and (r["catalog"], other) in found:
                 r[key] = difference(mine, found[(r["catalog"], other)], samples)
     return rows
@@ -241,14 +244,14 @@ def cell(d: dict | None) -> str:
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| catalog | system | nDCG@10 | vs base [95% CI] | kit - peer [95% CI] | training s (loop) | peak GB | "
-             "command |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| catalog | system | nDCG@10 | vs base [95% CI] | - peer (scale 20) [95% CI] | - peer50 [95% CI] | "
+             "training s (loop) | peak GB | command |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         seconds = (f"{r['training_seconds']:.0f} ({r['train_loop_seconds']:.0f})" if "training_seconds" in r
                    else "-")
         lines.append(f"| {r['catalog']} | {r['row']} | {r[MAIN_METRIC]:.2f} | {cell(r.get('vs_base'))} | "
-                     f"{cell(r.get('vs_peer'))} | {seconds} | {r.get('peak_memory_gb', '-')} | "
-                     f"`{r['command']}` |")
+                     f"{cell(r.get('vs_peer'))} | {cell(r.get('vs_peer50'))} | {seconds} | "
+                     f"{r.get('peak_memory_gb', '-')} | `{r['command']}` |")
     return "\n".join(lines) + "\n"
 
 
@@ -268,7 +271,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "e.g. --kit_args '--lora_r 32' (one word alone needs '=': --kit_args=--OPTION)")
     parser.add_argument("--tag", default="", help="names the qlora and kit rows <system>-TAG (needed with "
                         "--kit_args, so that a lever's rows do not take the default rows' places)")
-    parser.add_argument("--one", choices=["peer"], help=argparse.SUPPRESS)  # the peer's own training process
+    parser.add_argument("--one", choices=list(PEER_SCALES), help=argparse.SUPPRESS)  # a peer's own process
     args = parser.parse_args(argv)
     unknown = [s for s in comma_list(args.systems) if s not in SYSTEMS]
     unknown += [c for c in comma_list(args.catalogs) if not train_file(c).exists()]
@@ -286,8 +289,9 @@ def row_name(system: str, tag: str) -> str:
 def main(argv=None) -> None:
     args = parse_args(argv)
     out = Path(args.output_dir)
-    if args.one == "peer":
-        record = train_peer(peer_dataset(train_file(comma_list(args.catalogs)[0])), out, args.threads)
+    if args.one:
+        record = train_peer(peer_dataset(train_file(comma_list(args.catalogs)[0])), out, args.threads,
+                            scale=PEER_SCALES[args.one])
         (out / "peer.json").write_text(json.dumps(record, indent=2) + "\n")
         return
     import torch

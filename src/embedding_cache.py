@@ -159,6 +159,23 @@ def write_atomic(path: Path, write) -> None:
         raise
 
 
+@contextlib.contextmanager
+def cache_lock(root: Path, exclusive: bool):
+    """The cache-wide lock (flock on `root`/.lock): writers exclusive, readers shared, so that two processes storing
+    the same entry leave one whole entry, and no reader sees one writer's array beside another's header. A cache
+    whose folder cannot hold the lock file (read-only) is read without it."""
+    import fcntl
+
+    try:
+        handle = (root / ".lock").open("a")
+    except OSError:
+        yield
+        return
+    with handle:
+        fcntl.flock(handle, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        yield
+
+
 def read_entry(npy: Path, header_path: Path, key: str, parts: dict, n_texts: int) -> np.ndarray:
     """The stored array, or ValueError/OSError saying why the entry cannot be trusted."""
     header = json.loads(header_path.read_text(encoding="utf-8"))
@@ -196,7 +213,8 @@ class EmbeddingCache:
         if not npy.exists() and not header.exists():
             return None
         try:
-            emb = read_entry(npy, header, key, parts, len(texts))
+            with cache_lock(self.root, exclusive=False):
+                emb = read_entry(npy, header, key, parts, len(texts))
         except Exception as exc:  # whatever is wrong with an entry, it is recomputed, never trusted
             logger.warning("embedding cache: ignoring %s (%s); computing these embeddings afresh", npy, exc)
             return None
@@ -214,8 +232,9 @@ class EmbeddingCache:
                   "model": str(self.folder)}
         try:
             self.root.mkdir(parents=True, exist_ok=True)
-            write_atomic(npy, lambda fh: np.save(fh, emb, allow_pickle=False))
-            write_atomic(header_path, lambda fh: fh.write(json.dumps(header, indent=1).encode("utf-8")))
-            evict(self.root, npy, self.limit)
-        except OSError as exc:
+            with cache_lock(self.root, exclusive=True):
+                write_atomic(npy, lambda fh: np.save(fh, emb, allow_pickle=False))
+                write_atomic(header_path, lambda fh: fh.write(json.dumps(header, indent=1).encode("utf-8")))
+                evict(self.root, npy, self.limit)
+        except OSError as exc:  # a full disk, a read-only folder: the run goes on without storing
             logger.warning("embedding cache: cannot write %s (%s); continuing without it", npy, exc)

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import logging
 import os
 import re
+import shutil
 import sys
 import warnings
+from pathlib import Path
 
 
 class KitError(Exception):
@@ -22,6 +26,48 @@ class UsageError(KitError):
 
     def __init__(self, message: str):
         super().__init__(message, exit_code=2)
+
+
+# Running out of disk space, however a library reports it: Python's OSError (errno 28), or safetensors' bare
+# Exception("... No space left on device (os error 28)") from its Rust writer. The one place that knows.
+NO_SPACE = re.compile(r"No space left on device|os error 28")
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """Whether `exc`, or an exception it was raised from, is a full disk."""
+    for _ in range(8):  # causes and contexts, a few links deep
+        if exc is None:
+            return False
+        if (isinstance(exc, OSError) and exc.errno == errno.ENOSPC) or NO_SPACE.search(str(exc)):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def free_bytes(path: Path) -> int:
+    """Free space on the file system holding `path` (or its nearest existing parent)."""
+    path = Path(path).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+def megabytes(count: int) -> str:
+    return f"{count / 1e6:,.0f} MB"
+
+
+@contextlib.contextmanager
+def writing(what: str, path: Path, needed: int | None = None, then: str = "run the same command with --resume"):
+    """Turn a full disk while writing `what` to `path` into one KitError line: where, what, how much space is free
+    and about how much it needs, and what to do (`then`). Any other error passes through unchanged."""
+    try:
+        yield
+    except Exception as exc:
+        if not is_disk_full(exc):
+            raise
+        wanted = f", about {megabytes(needed)} needed" if needed else ""
+        raise KitError(f"no space left on the device writing {what} to {path} ({megabytes(free_bytes(path))} free"
+                       f"{wanted}): free some space, then {then}") from exc
 
 
 def first_line(exc: BaseException, limit: int = 200) -> str:

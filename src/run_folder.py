@@ -12,11 +12,13 @@ from pathlib import Path
 import torch
 from sentence_transformers import SentenceTransformer
 
-from src.checkpoints import CHECKPOINTS
+from src import run_lock
+from src.checkpoints import CHECKPOINTS, SAVE_TOTAL_LIMIT
 from src.cli import RESOLVED
 from src.config import Config, ModelConfig, OutputConfig
-from src.errors import KitError, UsageError
+from src.errors import KitError, UsageError, free_bytes, megabytes, writing
 from src.model_builder import load_sentence_transformer
+from src.provision import resolve_model
 from src.query_side import QUERY_SIDE_MODES
 from src.selection import BEST_FILE
 
@@ -31,6 +33,8 @@ def prepare_run_folder(cfg: Config) -> Path:
     """`<output_dir>.partial/`: refuses to touch a finished run without --overwrite, and a partial one
     without --resume (or --overwrite)."""
     final, partial = Path(cfg.output.output_dir), partial_folder(cfg.output)
+    if partial.exists():
+        run_lock.check_free(partial)  # before anything touches it: --overwrite would delete a live run
     if final.exists() and not cfg.output.overwrite:
         raise KitError(f"output folder {final} already exists; pass --overwrite to replace it, or choose "
                        f"another --output_dir")
@@ -41,7 +45,9 @@ def prepare_run_folder(cfg: Config) -> Path:
         shutil.rmtree(partial)
     if cfg.train.resume and (partial / SETTINGS_FILE).exists():
         check_resumable(json.loads((partial / SETTINGS_FILE).read_text(encoding="utf-8")), cfg.to_dict(), partial)
-    partial.mkdir(parents=True, exist_ok=True)
+    with writing("the run folder", partial, then="run the same command again"):
+        partial.mkdir(parents=True, exist_ok=True)
+        run_lock.acquire(partial)
     return partial
 
 
@@ -82,7 +88,30 @@ def save_settings(folder: Path, cfg: Config, resolved: dict) -> None:
     (folder / SETTINGS_FILE).write_text(json.dumps(settings, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
+# A checkpoint holds the trainable weights about four times: the trainer's save of the model's trainable part, the
+# kit's trainable-state file, and the optimizer's two moments (AdamW).
+CHECKPOINT_COPIES = 4
+
+
+def expected_bytes(model: SentenceTransformer, model_cfg: ModelConfig, queries_only: bool) -> int:
+    """About what a run writes at most: SAVE_TOTAL_LIMIT + 1 checkpoints (the next is written before the oldest
+    goes), the adapter, and the merged model (the base's weights; twice for a query-side run's two encoders)."""
+    trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    base = sum(f.stat().st_size for f in resolve_model(model_cfg.model_name_or_path).rglob("*.safetensors"))
+    return (SAVE_TOTAL_LIMIT + 1) * CHECKPOINT_COPIES * trainable + trainable + base * (2 if queries_only else 1)
+
+
+def check_space(folder: Path, needed: int) -> None:
+    """Refuse before training when the disk cannot hold what the run will write."""
+    free = free_bytes(folder)
+    if free < needed:
+        raise KitError(f"not enough space for this run in {folder}: about {megabytes(needed)} needed (checkpoints, "
+                       f"adapter, merged model), {megabytes(free)} free; free some space or choose another "
+                       f"--output_dir")
+
+
 def finalize_run_folder(partial: Path, final: Path) -> None:
+    run_lock.release(partial)
     shutil.rmtree(partial / CHECKPOINTS, ignore_errors=True)
     (partial / BEST_FILE).unlink(missing_ok=True)  # already folded into adapter/ and merged/
     if final.exists():  # only reachable with --overwrite

@@ -48,7 +48,7 @@ from src.cli import parse_config
 from src.config import Config, TrainConfig
 from src.create_dataset import TrainingData, load_training_data
 from src.encoding import StoredEncoder
-from src.errors import KitError, run_cli
+from src.errors import KitError, run_cli, writing
 from src.evaluation import evaluate_run
 from src.model_builder import bf16_enabled, build_model, pick_device, trained_precision, world_rank, world_size
 from src.objectives import build_objective, needs_pairs, needs_texts, uses_in_batch_negatives
@@ -56,7 +56,16 @@ from src.plan import RunPlan, describe, plan_run
 from src.plots import plot_loss
 from src.query_side import BANK_DOCUMENTS, detach_document_map, query_side_objective
 from src.retrieval_data import RetrievalData, load_retrieval_data
-from src.run_folder import finalize_run_folder, partial_folder, prepare_run_folder, save_models, save_settings
+from src.run_folder import (
+    check_space,
+    expected_bytes,
+    finalize_run_folder,
+    partial_folder,
+    prepare_run_folder,
+    save_models,
+    save_settings,
+)
+from src.run_lock import release
 from src.run_summary import summary_lines, training_counts
 from src.selection import NO_SELECTION, model_selection
 from src.tables import read_table
@@ -154,7 +163,8 @@ def run_training(trainer: KitTrainer, checkpoint: str | None, batch_size: int):
     stop = next(c for c in trainer.callback_handler.callbacks if isinstance(c, StopOnSignalCallback))
     stop.install()
     try:
-        result = trainer.train(resume_from_checkpoint=checkpoint)
+        with writing("a checkpoint", Path(trainer.args.output_dir)):
+            result = trainer.train(resume_from_checkpoint=checkpoint)
     except torch.OutOfMemoryError as exc:
         raise KitError(f"out of memory at batch size {batch_size}: continue with --resume and --checkpoint_every 1 "
                        f"(with --gradient_checkpointing), or a smaller --batch_size times a larger "
@@ -204,13 +214,14 @@ def run_record(cfg: Config, plan: RunPlan, data: TrainingData, trainer: KitTrain
 def write_outputs(cfg: Config, plan: RunPlan, folder: Path, trainer: KitTrainer, summary: dict) -> None:
     """training_log.json, loss.png, adapter/ and merged/, in the `.partial` folder."""
     history = trainer.state.log_history
-    (folder / "training_log.json").write_text(json.dumps(history, indent=2) + "\n", encoding="utf-8")
-    selected = summary["selected"]
-    plot_loss(folder / "loss.png", history, plan.objective, Path(cfg.output.output_dir).name,
-              summary["dev_ndcg@10_by_step"], selected["step"] if selected else None, summary["lora_scale"],
-              summary.get("monitor_ndcg@10_by_step"))
-    save_models(trainer.model, cfg.model, folder, queries_only=plan.adapt != "both",
-                document_map=detach_document_map(trainer.model))
+    with writing("the training log, the models (adapter/, merged/)", folder):
+        (folder / "training_log.json").write_text(json.dumps(history, indent=2) + "\n", encoding="utf-8")
+        selected = summary["selected"]
+        plot_loss(folder / "loss.png", history, plan.objective, Path(cfg.output.output_dir).name,
+                  summary["dev_ndcg@10_by_step"], selected["step"] if selected else None, summary["lora_scale"],
+                  summary.get("monitor_ndcg@10_by_step"))
+        save_models(trainer.model, cfg.model, folder, queries_only=plan.adapt != "both",
+                    document_map=detach_document_map(trainer.model))
 
 
 def train_model(cfg: Config, plan: RunPlan, data: TrainingData, folder: Path, device: str,
@@ -219,6 +230,8 @@ def train_model(cfg: Config, plan: RunPlan, data: TrainingData, folder: Path, de
     selection record."""
     model_cfg = dataclasses.replace(cfg.model, max_seq_length=plan.max_seq_length)  # as the plan decided
     model = build_model(model_cfg, device, cfg.train.checkpoint_every * cfg.train.gradient_checkpointing)
+    if world_rank() == 0:
+        check_space(folder, expected_bytes(model, cfg.model, plan.adapt != "both"))
     trainer, selection = build_trainer(cfg, plan, model, data, folder, device, monitor)
     checkpoint = last_complete_checkpoint(Path(trainer.args.output_dir)) if cfg.train.resume else None
     if cfg.train.resume and checkpoint is None:
@@ -246,23 +259,34 @@ def train(cfg: Config) -> Path:
         torch.set_num_threads(cfg.train.threads)
     device = pick_device(cfg.train.device)
     plan, data, eval_data, monitor = read_inputs(cfg)
-    folder = prepare_run_folder(cfg) if world_rank() == 0 else partial_folder(cfg.output)
-    if world_rank() == 0:
+    if world_rank() != 0:  # torchrun's other processes train; the first one writes the run folder
+        train_model(cfg, plan, data, partial_folder(cfg.output), device, monitor)
+        return partial_folder(cfg.output)
+    folder = prepare_run_folder(cfg)
+    try:
+        return run_job(cfg, plan, data, eval_data, monitor, folder, device, started)
+    finally:
+        release(folder)  # a run that failed stays resumable, and unlocked (a finished one is renamed, lock released)
+
+
+def run_job(cfg: Config, plan: RunPlan, data: TrainingData, eval_data: RetrievalData | None,
+            monitor: RetrievalData | None, folder: Path, device: str, started: float) -> Path:
+    """In the locked `.partial` folder: train, save, evaluate, and rename it into place."""
+    with writing("config.json", folder):
         save_settings(folder, cfg, plan.to_dict())
     trainer, result, selection = train_model(cfg, plan, data, folder, device, monitor)
-    if not trainer.is_world_process_zero():
-        return folder
     summary = run_record(cfg, plan, data, trainer, result, selection, device)
     write_outputs(cfg, plan, folder, trainer, summary)
     summary["peak_memory_gb"] = peak_memory_gb(device)  # after saving: the merge into a full-precision base counts
     del trainer, result
     free_memory(device)
-    if eval_data is not None:
-        summary["evaluation"] = evaluate_run(cfg.eval, cfg.model.model_name_or_path, cfg.output.output_dir, folder,
-                                             eval_data, queries_only=plan.adapt != "both")
-    summary["total_seconds"] = round(time.time() - started, 1)
-    (folder / "run.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    finalize_run_folder(folder, Path(cfg.output.output_dir))
+    with writing("the evaluation reports, run.json", folder):
+        if eval_data is not None:
+            summary["evaluation"] = evaluate_run(cfg.eval, cfg.model.model_name_or_path, cfg.output.output_dir,
+                                                 folder, eval_data, queries_only=plan.adapt != "both")
+        summary["total_seconds"] = round(time.time() - started, 1)
+        (folder / "run.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        finalize_run_folder(folder, Path(cfg.output.output_dir))
     logger.info("run finished: %s", cfg.output.output_dir)
     for line in summary_lines(summary, Path(cfg.output.output_dir)):
         logger.info("  %s", line)

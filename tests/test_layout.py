@@ -10,7 +10,7 @@ from conftest import ROOT
 LAYERS = ("errors settings config cli tables text preprocess noise create_dataset document_pairs retrieval_data "
           "metrics plots provision embedding_cache model_builder encoding tsdae hard_negatives round_trip objectives "
           "query_side plan "
-          "checkpoints callbacks selection run_folder run_summary evaluation trainer").split()
+          "checkpoints callbacks selection run_lock run_folder run_summary evaluation trainer").split()
 SRC = ROOT / "src"
 
 
