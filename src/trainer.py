@@ -74,8 +74,8 @@ logger = logging.getLogger(__name__)
 
 
 class KitTrainer(SentenceTransformerTrainer):
-    """The sentence-transformers trainer, resuming the kit's trainable state from its own checkpoint file and
-    refusing to take an optimizer step on a non-finite loss."""
+    """The sentence-transformers trainer, resuming the kit's trainable state from its own checkpoint file (and no
+    step past the end), and refusing to take an optimizer step on a non-finite loss."""
 
     def training_step(self, *args, **kwargs):
         loss = super().training_step(*args, **kwargs)
@@ -85,6 +85,14 @@ class KitTrainer(SentenceTransformerTrainer):
                            f"Checkpoints up to step {self.state.global_step} are kept in {self.args.output_dir}; "
                            f"start again with --overwrite and a lower --learning_rate (a resumed run keeps its own)")
         return loss
+
+    def _run_epoch(self, *args, **kwargs):
+        # A run resumed from its last checkpoint (killed while saving its models) has no step left; transformers
+        # would still run one more before checking, and end with other weights than the uninterrupted run.
+        if self.state.global_step >= self.state.max_steps > 0:
+            self.control.should_training_stop = True
+            return None
+        return super()._run_epoch(*args, **kwargs)
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         state = load_file(str(Path(resume_from_checkpoint) / TRAINABLE_FILE))

@@ -47,7 +47,7 @@ def test_the_libraries_full_disk_errors_are_recognised_and_others_are_not():
 
 @pytest.mark.parametrize("where, patched, what", [
     ("checkpoint", "src.callbacks.save_trainable_state", "a checkpoint"),
-    ("models", "src.trainer.save_models", "the training log, the models"),
+    ("models", "src.trainer.save_models", r"the training log, the models \(adapter/, merged/\)"),
 ])
 def test_a_full_disk_is_one_error_line_and_the_run_resumes_to_the_same_adapter(tmp_path, tiny_bert, uninterrupted,
                                                                                 monkeypatch, where, patched, what):
