@@ -231,7 +231,7 @@ def finished_rows(out: Path, samples: int) -> list[dict]:
     found = {(r["catalog"], r["row"]): per_query(out, r) for r in rows}
     for r in rows:
         mine = found[(r["catalog"], r["row"])]
-        for other, key in (("base", "vs_base"), ("peer", "vs_peer"), ("peer50", "vs_peer50")):
+        for other, key in (("base", "vs_base"), ("kit", "vs_kit"), ("peer", "vs_peer"), ("peer50", "vs_peer50")):
             if r["row"] not in ("base", other) and (r["catalog"], other) in found:
                 r[key] = difference(mine, found[(r["catalog"], other)], samples)
     return rows
@@ -244,13 +244,13 @@ def cell(d: dict | None) -> str:
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| catalog | system | nDCG@10 | vs base [95% CI] | - peer (scale 20) [95% CI] | - peer50 [95% CI] | "
-             "training s (loop) | peak GB | command |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| catalog | system | nDCG@10 | vs base [95% CI] | - kit [95% CI] | - peer (scale 20) [95% CI] | "
+             "- peer50 [95% CI] | training s (loop) | peak GB | command |", "|---" * 10 + "|"]
     for r in rows:
         seconds = (f"{r['training_seconds']:.0f} ({r['train_loop_seconds']:.0f})" if "training_seconds" in r
                    else "-")
         lines.append(f"| {r['catalog']} | {r['row']} | {r[MAIN_METRIC]:.2f} | {cell(r.get('vs_base'))} | "
-                     f"{cell(r.get('vs_peer'))} | {cell(r.get('vs_peer50'))} | {seconds} | "
+                     f"{cell(r.get('vs_kit'))} | {cell(r.get('vs_peer'))} | {cell(r.get('vs_peer50'))} | {seconds} | "
                      f"{r.get('peak_memory_gb', '-')} | `{r['command']}` |")
     return "\n".join(lines) + "\n"
 

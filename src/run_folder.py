@@ -101,10 +101,13 @@ def expected_bytes(model: SentenceTransformer, model_cfg: ModelConfig, queries_o
     return (SAVE_TOTAL_LIMIT + 1) * CHECKPOINT_COPIES * trainable + trainable + base * (2 if queries_only else 1)
 
 
-def check_space(folder: Path, needed: int) -> None:
-    """Refuse before training when the disk cannot hold what the run will write."""
+def check_space(folder: Path, needed: int, fresh: bool) -> None:
+    """Refuse before training when the disk cannot hold what the run will write; a `fresh` run's folder (nothing
+    in it but its settings) is removed, so that the same command can simply run again."""
     free = free_bytes(folder)
     if free < needed:
+        if fresh:
+            shutil.rmtree(folder, ignore_errors=True)
         raise KitError(f"not enough space for this run in {folder}: about {megabytes(needed)} needed (checkpoints, "
                        f"adapter, merged model), {megabytes(free)} free; free some space or choose another "
                        f"--output_dir")

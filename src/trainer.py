@@ -239,7 +239,7 @@ def train_model(cfg: Config, plan: RunPlan, data: TrainingData, folder: Path, de
     model_cfg = dataclasses.replace(cfg.model, max_seq_length=plan.max_seq_length)  # as the plan decided
     model = build_model(model_cfg, device, cfg.train.checkpoint_every * cfg.train.gradient_checkpointing)
     if world_rank() == 0:
-        check_space(folder, expected_bytes(model, cfg.model, plan.adapt != "both"))
+        check_space(folder, expected_bytes(model, cfg.model, plan.adapt != "both"), fresh=not cfg.train.resume)
     trainer, selection = build_trainer(cfg, plan, model, data, folder, device, monitor)
     checkpoint = last_complete_checkpoint(Path(trainer.args.output_dir)) if cfg.train.resume else None
     if cfg.train.resume and checkpoint is None:

@@ -75,7 +75,7 @@ def test_a_disk_too_small_for_the_run_is_refused_before_training_in_one_line(tmp
     lines = capsys.readouterr().err.strip().splitlines()
     assert exit_.value.code == 1 and len(lines) == 1
     assert lines[0].startswith("error: not enough space for this run in ") and "MB needed" in lines[0]
-    assert not (tmp_path / "run.partial" / "checkpoints").exists()  # refused before any step
+    assert not (tmp_path / "run.partial").exists()  # refused before any step, nothing left behind
 
 
 def lock_of(pid: int) -> str:
