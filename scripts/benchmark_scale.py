@@ -4,7 +4,6 @@
     python -m scripts.benchmark_scale --sizes 1000           # one size (a few minutes on one thread)
     python -m scripts.benchmark_scale --build_only           # only the corpora
     python -m scripts.benchmark_scale --reading --sizes 100000   # memory of merely reading the files, no model
-    python -m scripts.benchmark_scale --sizes 10000 --kit_args "--adapt queries" --tag q   # the query side alone
 
 Corpora (built once under <work>/corpora/n<N>/, reused while their build.json matches): from the Debian package
 texts in --shared (../shared/data/debian_packages_en.jsonl and _ru.jsonl; provenance in its README.md), both
@@ -26,25 +25,23 @@ training documents as distractors, like data/dev/*/ (data/dev/README.md).
 
 Benchmark: per size, the kit's default command in a subprocess, twice:
     python -m src.trainer --train_file <N>/train.jsonl --eval_data <N>/test --output_dir <run> --threads 1
-    (+ --index ivf from --index_from documents on: FAISS IVF search, its recall against exact search reported)
-`first` runs with a fresh embedding cache (E5KIT_CACHE=<work>/cache/n<N>, its models/ a link to the kit's
-models, its embeddings/ deleted): the base model's embeddings are computed. `repeated` reruns the same command
-with the same cache into a new run folder: the base's embeddings are read from the cache. The children run with
-OMP_NUM_THREADS=--threads and HF_HUB_OFFLINE=1; their output goes to <work>/runs/<run>.log. Finished rows are
-reused (--rerun redoes them), so the table can be built over several sessions; results.json and results.md in
-<work> hold every finished row.
+    (+ --index ivf from --index_from documents on, its recall against exact search reported; + --kit_args)
+`first` runs with a fresh embedding cache (E5KIT_CACHE=<work>/cache/n<N>, its models/ linked to the kit's, its
+embeddings/ deleted): the base's embeddings are computed; `repeated` reruns the command with that cache into a
+new folder: they are read from it. Children run with OMP_NUM_THREADS=--threads and HF_HUB_OFFLINE=1, their output
+in <work>/runs/<run>.log. Finished rows are reused (--rerun redoes them); results.json and results.md in <work>
+hold every finished row.
 
 Columns:
     documents           training documents N (the test corpus holds N + the test documents)
-    run                 first (base embeddings computed) or repeated (read from the cache)
+    run                 first (base embeddings computed) or repeated (read from the cache), and the --tag
     wall s              the whole command, process start to exit (time.perf_counter around the child)
     training s          run.json train_seconds (the training loop) and its optimizer steps
-    peak GB (process)   the child's own peak resident memory (os.wait4 rusage ru_maxrss: reading, training,
-                        merging, evaluation); in brackets run.json peak_memory_gb (the same, before evaluation)
+    peak GB (process)   the child's own peak resident memory (os.wait4 rusage ru_maxrss: reading, training, merging,
+                        evaluation); in brackets run.json peak_memory_gb (the same, before evaluation)
     base embeddings     the base model's documents embeddings in metrics.json: computed, or read from the cache
     nDCG@10             held-out nDCG@10 x100 of the base and the adapted (merged) model
-    index               the FAISS index, and for an approximate one its recall@10 against exact search
-                        (base / adapted)
+    index               the FAISS index; for an approximate one, its recall@10 against exact (base / adapted)
     command             the command run (paths relative to the repository root)
 `--reading` measures, per size, a child that only reads the files as the trainer does (src.tables.read_table +
 src.create_dataset.load_training_data, then src.retrieval_data.load_retrieval_data of the test folder): peak
@@ -267,8 +264,8 @@ def benchmark_run(work: Path, size: int, run: str, args) -> dict:
     print(f"--- n{size} {run}: python {shlex.join(command)}", flush=True)
     wall, peak = run_child(command, child_env(cache, args.threads), out.with_name(out.name + ".log"))
     row = {"documents": size, "run": run, "tag": args.tag, "wall_seconds": round(wall, 1),
-           "peak_gb_process": round(peak, 2),
-           **run_record(out), "threads": args.threads, "command": "python " + shlex.join(command)}
+           "peak_gb_process": round(peak, 2), **run_record(out), "threads": args.threads,
+           "command": "python " + shlex.join(command)}
     (out / "benchmark_row.json").write_text(json.dumps(row, indent=2) + "\n")
     return row
 
@@ -363,8 +360,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="\n".join(__doc__.split("\n")[2:]))
     parser.add_argument("--sizes", default="1000,10000,100000", help="training documents per corpus, comma-separated")
-    parser.add_argument("--work", default="runs/benchmark_scale", help="corpora, runs, cache and results (relative "
-                        "paths: to the repository root)")
+    parser.add_argument("--work", default="runs/benchmark_scale", help="corpora, runs, cache, results (relative: "
+                        "to the repository root)")
     parser.add_argument("--shared", default=str(ROOT.parent / "shared" / "data"), help="the Debian package texts")
     parser.add_argument("--queries", type=int, default=500, help="test queries, the same for every size")
     parser.add_argument("--threads", type=int, default=1, help="torch/OpenMP threads of each child")
@@ -373,8 +370,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--build_only", action="store_true", help="build the corpora, run nothing")
     parser.add_argument("--reading", action="store_true", help="measure reading the files (no model), no runs")
     parser.add_argument("--rerun", action="store_true", help="redo finished runs instead of reusing their rows")
-    parser.add_argument("--kit_args", default="", help="options added to the kit's command, e.g. "
-                        "--kit_args '--adapt queries' (needs --tag)")
+    parser.add_argument("--kit_args", default="", help="options added to the kit's command (needs --tag)")
     parser.add_argument("--tag", default="", help="names the rows (and run folders) of --kit_args")
     parser.add_argument("--read_check", default="", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

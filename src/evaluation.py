@@ -133,6 +133,14 @@ def write_reports(results: dict[str, dict], comparison: dict | None, data: Retri
     return summary
 
 
+def encoding_cell(result: dict) -> str:
+    """A model's documents/s, or where its documents' embeddings came from when it encoded none."""
+    if result.get("documents_per_second"):
+        return str(result["documents_per_second"])
+    source = result.get("embeddings", {}).get("documents", "cache")
+    return "cached" if source == "cache" else source
+
+
 def markdown_report(summary: dict) -> str:
     models, d = summary["models"], summary["data"]
     names = list(models)
@@ -166,9 +174,7 @@ def markdown_report(summary: dict) -> str:
     for n in names:
         r = models[n]
         a = r["anisotropy_diagnostic"]
-        documents = r["embeddings"]["documents"]
-        speed = r["documents_per_second"] or ("cached" if documents == "cache" else documents)
-        lines.append(f"| {n} | {r['max_seq_length']} | {speed} | {r['prompts']} | "
+        lines.append(f"| {n} | {r['max_seq_length']} | {encoding_cell(r)} | {r['prompts']} | "
                      f"{a['mean']} ± {a['std']} |")
     lines += ["", "*Mean cosine of random document pairs is a diagnostic of anisotropy (how crowded the "
               "embedding space is), not a measure of retrieval quality.", "",

@@ -19,8 +19,12 @@ from src.errors import KitError, is_disk_full, run_cli
 from src.run_folder import prepare_run_folder
 from src.run_lock import LOCK_FILE
 
-SAFETENSORS_FULL = Exception("Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: \"No space "
-                             "left on device\" }) (os error 28)")  # what safetensors raises, a bare Exception
+
+def safetensors_full() -> Exception:
+    """What safetensors raises on a full disk: a bare Exception. A new one each time: a raised exception keeps its
+    traceback, and a module-level one would keep the failed run's trainer alive for every later test."""
+    return Exception("Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: \"No space left "
+                     "on device\" }) (os error 28)")
 
 
 @pytest.fixture(scope="module")
@@ -34,10 +38,10 @@ def full_disk(*args, **kwargs):
 
 
 def test_the_libraries_full_disk_errors_are_recognised_and_others_are_not():
-    assert is_disk_full(SAFETENSORS_FULL) and is_disk_full(OSError(errno.ENOSPC, "No space left on device"))
+    assert is_disk_full(safetensors_full()) and is_disk_full(OSError(errno.ENOSPC, "No space left on device"))
     try:
         try:
-            raise SAFETENSORS_FULL
+            raise safetensors_full()
         except Exception as inner:
             raise RuntimeError("saving failed") from inner
     except RuntimeError as outer:
@@ -52,7 +56,7 @@ def test_the_libraries_full_disk_errors_are_recognised_and_others_are_not():
 def test_a_full_disk_is_one_error_line_and_the_run_resumes_to_the_same_adapter(tmp_path, tiny_bert, uninterrupted,
                                                                                 monkeypatch, where, patched, what):
     def no_space(*args, **kwargs):
-        raise SAFETENSORS_FULL if where == "models" else OSError(errno.ENOSPC, "No space left on device")
+        raise safetensors_full() if where == "models" else OSError(errno.ENOSPC, "No space left on device")
 
     with monkeypatch.context() as m:
         m.setattr(patched, no_space)

@@ -149,3 +149,11 @@ def test_a_document_map_rewrites_the_stored_vectors_as_the_saved_model_encodes_d
     assert np.abs(merged.encode_document(texts) - stored).max() > 1e-4  # the map trained: documents moved
     np.testing.assert_allclose(rewrite_stored(merged, stored), merged.encode_document(texts), atol=1e-5)
     np.testing.assert_allclose(np.linalg.norm(rewrite_stored(merged, stored), axis=1), 1.0, atol=1e-5)
+
+
+def test_the_query_side_on_documents_alone_is_a_warned_last_resort(caplog):
+    plan_run(Config(train=TrainConfig(adapt="queries")), ["_id", "text"])
+    assert "--adapt queries on documents alone" in caplog.text and "judge it with --eval_data" in caplog.text
+    caplog.clear()
+    plan_run(Config(train=TrainConfig(adapt="queries")), ["title", "description"])
+    assert "documents alone" not in caplog.text
