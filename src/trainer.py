@@ -247,6 +247,10 @@ def train_model(cfg: Config, plan: RunPlan, data: TrainingData, folder: Path, de
     if selection is not None:
         selection.start(trainer, checkpoint)
     result = run_training(trainer, checkpoint, cfg.train.batch_size)
+    if torch.distributed.is_initialized():
+        # no collective runs after training: each torchrun process shuts its group down itself, rather than
+        # leaving gloo's threads to the interpreter's exit (a process then aborted now and then)
+        torch.distributed.destroy_process_group()
     if hasattr(model[0], "tsdae_decoder"):
         del model[0].tsdae_decoder
     return trainer, result, selection.finish(trainer) if selection is not None else dict(NO_SELECTION)
