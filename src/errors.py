@@ -57,17 +57,17 @@ def megabytes(count: int) -> str:
 
 
 @contextlib.contextmanager
-def writing(what: str, path: Path, needed: int | None = None, then: str = "run the same command with --resume"):
-    """Turn a full disk while writing `what` to `path` into one KitError line: where, what, how much space is free
-    and about how much it needs, and what to do (`then`). Any other error passes through unchanged."""
+def writing(what: str, path: Path, then: str = "run the same command with --resume"):
+    """Turn a full disk while writing `what` to `path` into one KitError line: where, what, how much space is free,
+    and what to do (`then`); what a whole run needs is checked before it starts (src/run_folder.py). Any other error
+    passes through unchanged."""
     try:
         yield
     except Exception as exc:
         if not is_disk_full(exc):
             raise
-        wanted = f", about {megabytes(needed)} needed" if needed else ""
-        raise KitError(f"no space left on the device writing {what} to {path} ({megabytes(free_bytes(path))} free"
-                       f"{wanted}): free some space, then {then}") from exc
+        raise KitError(f"no space left on the device writing {what} to {path} ({megabytes(free_bytes(path))} "
+                       f"free): free some space, then {then}") from exc
 
 
 def first_line(exc: BaseException, limit: int = 200) -> str:

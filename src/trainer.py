@@ -121,7 +121,7 @@ def training_arguments(train: TrainConfig, plan: RunPlan, folder: Path, device: 
         prompts=prompts or None, dataloader_num_workers=0,
         # The duplicate check reads every row: for TSDAE alone that would compute each text's noise twice.
         # A query-side run's negatives are the stored documents, never the batch's: no batch needs to be unique.
-        batch_sampler=(BatchSamplers.NO_DUPLICATES if uses_in_batch_negatives(plan.objective) and plan.adapt == "both"
+        batch_sampler=(BatchSamplers.NO_DUPLICATES if uses_in_batch_negatives(plan.objective) and not plan.queries_only
                        else BatchSamplers.BATCH_SAMPLER),
         ddp_backend="gloo" if device == "cpu" and world_size() > 1 else None,
         ddp_find_unused_parameters=False, disable_tqdm=False, logging_first_step=True,
@@ -135,7 +135,7 @@ def build_trainer(cfg: Config, plan: RunPlan, model, data: TrainingData, folder:
     t = cfg.train
     resolved = dataclasses.replace(t, mnrl_scale=plan.mnrl_scale, max_steps=plan.max_steps)  # as the plan decided
     # the query side trains against the base's document embeddings, computed once (and cached) as the index has them
-    stored = StoredEncoder(cfg.model.model_name_or_path, cfg.eval) if plan.adapt != "both" else None
+    stored = StoredEncoder(cfg.model.model_name_or_path, cfg.eval) if plan.queries_only else None
     objective = (query_side_objective(plan.objective, resolved, model, data, stored, plan.adapt == "queries+map")
                  if stored is not None else build_objective(plan.objective, resolved, cfg.noise, model, data))
     if objective.decoder is not None:
@@ -195,7 +195,7 @@ def read_inputs(cfg: Config) -> tuple[RunPlan, TrainingData, RetrievalData | Non
     data = load_training_data(cfg.data, cfg.train.seed, needs_texts(plan.objective), needs_pairs(plan.objective),
                               frame, plan.holdout_fraction)
     # a query-side run on documents alone trains on its bank's documents only
-    texts = min(len(data.texts), BANK_DOCUMENTS) if plan.adapt != "both" else len(data.texts)
+    texts = min(len(data.texts), BANK_DOCUMENTS) if plan.queries_only else len(data.texts)
     examples = len(data.pairs) * needs_pairs(plan.objective) + texts * needs_texts(plan.objective)
     plan = plan.with_budget(examples, cfg.train, world_size())
     logger.info("plan: %s", describe(plan, cfg.train, world_size()))
@@ -228,7 +228,7 @@ def write_outputs(cfg: Config, plan: RunPlan, folder: Path, trainer: KitTrainer,
         plot_loss(folder / "loss.png", history, plan.objective, Path(cfg.output.output_dir).name,
                   summary["dev_ndcg@10_by_step"], selected["step"] if selected else None, summary["lora_scale"],
                   summary.get("monitor_ndcg@10_by_step"))
-        save_models(trainer.model, cfg.model, folder, queries_only=plan.adapt != "both",
+        save_models(trainer.model, cfg.model, folder, queries_only=plan.queries_only,
                     document_map=detach_document_map(trainer.model))
 
 
@@ -239,7 +239,7 @@ def train_model(cfg: Config, plan: RunPlan, data: TrainingData, folder: Path, de
     model_cfg = dataclasses.replace(cfg.model, max_seq_length=plan.max_seq_length)  # as the plan decided
     model = build_model(model_cfg, device, cfg.train.checkpoint_every * cfg.train.gradient_checkpointing)
     if world_rank() == 0:
-        check_space(folder, expected_bytes(model, cfg.model, plan.adapt != "both"), fresh=not cfg.train.resume)
+        check_space(folder, expected_bytes(model, cfg.model, plan.queries_only), fresh=not cfg.train.resume)
     trainer, selection = build_trainer(cfg, plan, model, data, folder, device, monitor)
     checkpoint = last_complete_checkpoint(Path(trainer.args.output_dir)) if cfg.train.resume else None
     if cfg.train.resume and checkpoint is None:
@@ -295,7 +295,7 @@ def run_job(cfg: Config, plan: RunPlan, data: TrainingData, eval_data: Retrieval
     with writing("the evaluation reports, run.json", folder):
         if eval_data is not None:
             summary["evaluation"] = evaluate_run(cfg.eval, cfg.model.model_name_or_path, cfg.output.output_dir,
-                                                 folder, eval_data, queries_only=plan.adapt != "both")
+                                                 folder, eval_data, queries_only=plan.queries_only)
         summary["total_seconds"] = round(time.time() - started, 1)
         (folder / "run.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         finalize_run_folder(folder, Path(cfg.output.output_dir))
