@@ -33,15 +33,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+from scripts.peer import PEER, peer_command, train_peer
+from scripts.scoring import base_result, per_query
 from src.config import EvalConfig
-from src.encoding import open_encoder
-from src.evaluation import evaluate_model
 from src.metrics import MAIN_METRIC, compare, verdict
 from src.retrieval_data import load_retrieval_data
 from src.settings import comma_list
 
 ROOT = Path(__file__).resolve().parent.parent
-BASE_MODEL = "intfloat/multilingual-e5-small"
 DEV = ROOT / "data" / "dev"
 TEST_FOLDERS = {"ru_catalog_docs": ROOT / "data" / "ru_catalog" / "test"}  # the rest: data/dev/<name>/test
 # Recipe -> the trainer's options. "guard" = model selection on development pairs from held-out documents +
@@ -108,7 +107,6 @@ def peer_pairs(collection: str, construction: str):
     import numpy as np
     from datasets import Dataset
 
-    from scripts.benchmark_peer import PEER
     from src.document_pairs import DocumentPairs
     from src.plan import DOCUMENTS_PAIRS
 
@@ -122,8 +120,6 @@ def peer_pairs(collection: str, construction: str):
 
 def train_peer_run(collection: str, recipe: str, folder: Path) -> None:
     """A peer recipe's training (its own process): the model in `folder`/model, its record in run.json."""
-    from scripts.benchmark_peer import peer_command, train_peer
-
     folder.mkdir(parents=True, exist_ok=True)
     construction, length = PEERS[recipe]
     # threads=0: as OMP_NUM_THREADS says
@@ -150,35 +146,6 @@ def train(collection: str, recipe: str, folder: Path, monitor: bool) -> dict:
         print(f"--- {collection} / {recipe}: {' '.join(command[1:])}", flush=True)
         subprocess.run(command, cwd=ROOT, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     return json.loads((folder / "run.json").read_text())
-
-
-def model_result(model_path: str, data, cfg: EvalConfig) -> dict:
-    """evaluate_model's result for one model, as the trainer's evaluation computes it: the base through the kit's
-    embedding cache, and a query-side run's model (merged/ routes documents to the base) with the base's corpus
-    embeddings, its queries alone encoded."""
-    if model_path == BASE_MODEL:
-        model, cache, _ = open_encoder(BASE_MODEL, cfg, cached=True)
-        return evaluate_model(model, data, cfg, cache=cache)
-    documents = None
-    if (Path(model_path) / "router_config.json").exists():
-        documents = (model_result(BASE_MODEL, data, cfg)["doc_emb"], "base")
-    model, _, _ = open_encoder(model_path, cfg, cached=False)
-    return evaluate_model(model, data, cfg, documents=documents)
-
-
-def per_query(model_path: str, data, cfg: EvalConfig, cache: Path) -> dict:
-    """A model's per-query metrics on a collection's test, encoded once and kept in `cache` (JSON)."""
-    import numpy as np
-
-    if not cache.exists():
-        result = model_result(model_path, data, cfg)
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        cache.write_text(json.dumps({m: v.tolist() for m, v in result["per_query"].items()}))
-    return {m: np.array(v) for m, v in json.loads(cache.read_text()).items()}
-
-
-def base_result(collection: str, data, cfg: EvalConfig, folder: Path) -> dict:
-    return per_query(BASE_MODEL, data, cfg, folder / "base_per_query.json")
 
 
 def run_result(recipe: str, folder: Path, data, cfg: EvalConfig) -> dict:

@@ -113,7 +113,7 @@ def build(design: str, path: str, lr: float = 1e-5):
 
     from src.config import ModelConfig, TrainConfig
     from src.model_builder import bf16_enabled, build_model
-    from src.tsdae import TSDAELoss, corpus_vocabulary
+    from src.objectives.tsdae import TSDAELoss, corpus_vocabulary
 
     name, *undone = design.split("+")
     if name not in PRECISION or not set(undone) <= {"dropout", "fp32"}:

@@ -3,7 +3,6 @@ own module: src/selection.py).
 
 - `EpochCallback`: the noise and the document pairs redraw every epoch;
 - `TrainableStateCallback`: every checkpoint holds the LoRA (and TSDAE decoder) weights (src/checkpoints.py);
-- `DecoderWarmupCallback`: the TSDAE decoder learns alone for its first steps;
 - `StopOnSignalCallback`: Ctrl-C or SIGTERM ends with a resumable checkpoint;
 - `TrainingBarOnly`: one progress bar.
 """
@@ -44,19 +43,6 @@ class TrainableStateCallback(TrainerCallback):
         if state.is_world_process_zero:
             folder = checkpoint_folder(args.output_dir, state.global_step)
             save_trainable_state(self.model, folder / TRAINABLE_FILE)  # written last: marks the checkpoint complete
-
-
-class DecoderWarmupCallback(TrainerCallback):
-    """For the first `steps` optimizer steps only the decoder's new weights learn. Its cross-attention starts
-    random, so the encoder's early gradients would chase a decoder that cannot yet read a sentence vector."""
-
-    def __init__(self, encoder_params: list[torch.nn.Parameter], steps: int):
-        self.encoder_params, self.steps = encoder_params, steps
-
-    def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        if state.global_step < self.steps:
-            for p in self.encoder_params:
-                p.grad = None  # AdamW skips parameters without a gradient
 
 
 class StopOnSignalCallback(TrainerCallback):

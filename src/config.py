@@ -18,7 +18,6 @@ from src.settings import Settings, check_minimum, check_option, comma_list, help
 DEFAULT_MODEL = "intfloat/multilingual-e5-small"
 # Pairs built from documents alone (src/document_pairs.py), in the order `--dev_construction auto` prefers them.
 DOCUMENT_CONSTRUCTIONS = ("crop", "lead", "ict", "keys")
-OBJECTIVE_PARTS = ("mnrl", *DOCUMENT_CONSTRUCTIONS, "simcse", "tsdae")  # each built by src/objectives.py's PARTS
 # Random streams drawn from one --seed: development pairs (and noise) and the distractor pool must not repeat the
 # training draws, so each stream offsets the seed by its position here.
 SEED_STREAMS = ("train", "development", "distractors", "negatives")
@@ -103,11 +102,9 @@ class ModelConfig(Settings):
 @dataclass
 class TrainConfig(Settings):
     objective: str = help_field(
-        "auto: mnrl when the training file has --pair_columns, else lead on 640 pairs without selection. Or "
-        "one part or several joined by '+' (e.g. tsdae+lead): mnrl: (query, document) pairs from --pair_columns; "
-        "ict: a sentence of a document -> the rest; crop: two random spans of a document; lead: a document's "
-        "leading line or sentence -> the rest; keys: its most distinctive words -> it; simcse: dropout-noise "
-        "contrastive on texts; tsdae: denoising auto-encoder on texts. Measured: docs/RESULTS.md.", default="auto")
+        "auto: mnrl when the training file has --pair_columns, else lead on 640 pairs without selection. Or one "
+        "of the objectives `python -m src.objectives` lists (mnrl, lead, ict, crop, keys, simcse, tsdae), or "
+        "several joined by '+' (e.g. tsdae+lead). Measured: docs/RESULTS.md.", default="auto")
     adapt: Literal["both", "queries", "queries+map"] = help_field(
         "both: the adapted model encodes queries and documents (an index built with the base must be encoded "
         "again). queries: only the query side trains, against the base model's stored embeddings of the training "
@@ -115,8 +112,8 @@ class TrainConfig(Settings):
         "stays valid, only the query encoder changes. queries+map: also one linear map of the stored document "
         "vectors (rewrite the index with one matrix product; no text encoded again). For mnrl and lead, ict, crop, "
         "keys.", default="both")
-    learning_rate: float = help_field("Peak learning rate; 0 = auto: 2e-4 for mnrl alone, 1e-4 for the other "
-                                      "objectives (as measured; TSDAE/SimCSE on e5 want far less: 2e-5).", default=0.0)
+    learning_rate: float = help_field("Peak learning rate; 0 = auto: the objective's own, as `python -m "
+                                      "src.objectives` lists it (several parts: the shared default).", default=0.0)
     batch_size: int = help_field("Texts (or pairs) per device per step; mnrl/simcse use the rest of the batch as "
                                  "negatives, so larger is better for them.", default=32)
     gradient_accumulation_steps: int = help_field("Steps to accumulate before an optimizer update.", default=1)
@@ -138,7 +135,8 @@ class TrainConfig(Settings):
     decoder_warmup_steps: int = help_field("TSDAE: optimizer steps during which only the decoder's new weights learn "
                                            "(the encoder's adapters wait).", default=0)
     mnrl_scale: float = help_field("mnrl/simcse: similarity scale (inverse temperature) of the in-batch softmax; "
-                                   "0 = auto: 50 for mnrl alone, 100 for the documents default, else 20.", default=0.0)
+                                   "0 = auto: 100 for the documents default and --adapt queries, else the "
+                                   "objective's own (`python -m src.objectives`).", default=0.0)
     loss_chunk_tokens: int = help_field("Reconstruction loss over this many target tokens at a time, logits "
                                         "recomputed in backward: batch x length x vocab is never held.", default=512)
     device: Literal["auto", "cpu", "cuda"] = help_field("Where to train.", default="auto")
@@ -159,7 +157,8 @@ class TrainConfig(Settings):
                                    "evaluation, never selected on. '' = off.", default="")
     lora_scales: str = help_field("After selection, also try the adapter at these fractions of its strength (comma-"
                                   "separated, between 0 = the base and 1 = as trained) on the development pairs, "
-                                  "and keep the best; '' = off; auto: 0.5, none for mnrl alone.", default="auto")
+                                  "and keep the best; '' = off; auto: the objective's own (`python -m "
+                                  "src.objectives`).", default="auto")
     hard_negatives: int = help_field("mnrl, pairs from documents: negatives per pair mined by the base model among "
                                      "the training documents, near-duplicates of the pair's own document filtered out "
                                      "(src/hard_negatives.py). 0 = in-batch negatives only.", default=0)
@@ -195,10 +194,6 @@ class TrainConfig(Settings):
         check_option(self.epochs >= 0, "epochs", "must be >= 0 (0 = auto)")
         check_option(0.0 <= self.warmup_ratio < 1.0, "warmup_ratio", "must be in [0, 1)")
         check_option(self.mnrl_scale >= 0, "mnrl_scale", "must be >= 0 (0 = auto)")
-        parts = self.objective.split("+")
-        known = all(p in OBJECTIVE_PARTS for p in parts) and len(set(parts)) == len(parts)
-        check_option(self.objective == "auto" or known, "objective",
-                     f"must be auto or distinct parts of {', '.join(OBJECTIVE_PARTS)} joined by '+'")
         check_option(all(0 < s < 1 for s in self.lora_scale_values()), "lora_scales",
                      "must be numbers between 0 and 1, comma-separated")
         check_option(self.select_best or not self.monitor_data, "monitor_data", "needs --select_best true")

@@ -184,6 +184,15 @@ def adapted_layers(requested: int, layers: int) -> int:
     return requested or layers
 
 
+def checkpointed_every(cfg: ModelConfig, precision: str, requested: int) -> int:
+    """Every how many encoder layers backward recomputes (`requested`: --checkpoint_every, 0 without
+    --gradient_checkpointing): none where LoRA adapts at most half the layers from the top, as --lora_layers' help
+    says (backward stops there, so the saved activations are few)."""
+    layers = encoder_config(resolve_model(cfg.model_name_or_path))["num_hidden_layers"]
+    top = layers if precision == "full" else adapted_layers(cfg.lora_layers, layers)
+    return 0 if 2 * top <= layers else requested
+
+
 def world_size() -> int:
     """Processes in this run: torchrun sets WORLD_SIZE (and RANK); a plain `python -m` run is one process."""
     return int(os.environ.get("WORLD_SIZE", "1"))
@@ -218,22 +227,24 @@ def training_length(requested: int, own: int | None) -> int:
     return requested
 
 
-def build_model(cfg: ModelConfig, device: str = "cpu", checkpoint_every: int = 0) -> SentenceTransformer:
+def build_model(cfg: ModelConfig, device: str = "cpu", checkpoint_every: int = 0, max_seq_length: int = 0,
+                precision: str = "") -> SentenceTransformer:
     """The encoder ready to train: 4-bit + LoRA (nf4), fp + LoRA (none) or all weights trainable (full), with every
-    `checkpoint_every`-th encoder layer recomputed in backward (0: gradient checkpointing off)."""
+    `checkpoint_every`-th encoder layer recomputed in backward (0: gradient checkpointing off), at `max_seq_length`
+    tokens, at most the model's own limit. The trainer passes its plan's values; without them (a benchmark, this
+    module's CLI), --precision and --max_seq_length as `resolve_precision` and TRAIN_MAX_SEQ_LENGTH resolve them."""
     from peft import LoraConfig, prepare_model_for_kbit_training
 
-    precision = resolve_precision(cfg)
+    precision = precision or resolve_precision(cfg)
     model = load_sentence_transformer(cfg, device, quantize=precision == "nf4")
-    model.max_seq_length = training_length(cfg.max_seq_length or TRAIN_MAX_SEQ_LENGTH, model.max_seq_length)
+    requested = max_seq_length or cfg.max_seq_length or TRAIN_MAX_SEQ_LENGTH
+    model.max_seq_length = training_length(requested, model.max_seq_length)
     hf_model = model[0].auto_model
     set_attention_dropout(hf_model, cfg.attention_dropout)
     layers = hf_model.config.num_hidden_layers
     top = layers if precision == "full" else adapted_layers(cfg.lora_layers, layers)
     if top < layers:
         logger.info("LoRA on the top %d of %d encoder layers", top, layers)
-    if 2 * top <= layers:  # the rule --gradient_checkpointing's help states
-        checkpoint_every = 0
     if precision == "nf4":
         prepare_model_for_kbit_training(hf_model, use_gradient_checkpointing=checkpoint_every > 0,
                                         gradient_checkpointing_kwargs=checkpointing_kwargs())

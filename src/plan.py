@@ -17,10 +17,11 @@ import logging
 import math
 from dataclasses import dataclass
 
-from src.config import DOCUMENT_CONSTRUCTIONS, Config, TrainConfig
+from src.config import DOCUMENT_CONSTRUCTIONS, Config, ModelConfig, TrainConfig
 from src.errors import UsageError
-from src.model_builder import TRAIN_MAX_SEQ_LENGTH
-from src.objectives import examples_per_step, needs_pairs, needs_texts, parts
+from src.model_builder import TRAIN_MAX_SEQ_LENGTH, bf16_enabled, checkpointed_every, resolve_precision
+from src.objectives import OBJECTIVES, alone, check_objective, examples_per_step, needs_pairs, needs_texts, parts
+from src.objectives.base import LEARNING_RATE, LEVERS, LORA_SCALES, SCALE
 from src.query_side import QUERY_SIDE_MODES, QUERY_SIDE_PARTS
 
 logger = logging.getLogger(__name__)
@@ -33,33 +34,26 @@ DOCUMENTS_PAIRS = 640
 # A file of fewer documents trains them again (one pair each, redrawn each pass), up to this many passes: on the two
 # collections under 640 documents (301 and 424), 640 pairs gained more than one pass; past 2.1 passes is unmeasured.
 DOCUMENTS_MAX_EPOCHS = 3
-# `--learning_rate 0`: LoRA on (query, document) pairs learned more at 2e-4 than at 1e-4 (docs/RESULTS.md, the
-# catalogs); every other objective was measured at 1e-4.
-PAIRS_LEARNING_RATE, OTHER_LEARNING_RATE = 2e-4, 1e-4
-# `--mnrl_scale 0`: the in-batch softmax's similarity scale. e5 was trained at temperature 0.01 (scale 100), and
-# sentence-transformers' default 20 flattens its softmax: LoRA on pairs gained more at 50 than at 20 on both
-# catalogs, and the documents default more at 100 than at 50 or 20 on the development collections
-# (docs/RESULTS.md). Every other objective was measured at 20.
-PAIRS_SCALE, DOCUMENTS_SCALE, OTHER_SCALE = 50.0, 100.0, 20.0
+# `--learning_rate 0`, `--mnrl_scale 0`, `--lora_scales auto`: each objective's own defaults (its spec in
+# src/objectives/), the shared ones for several parts. The documents default's similarity scale: e5 was trained at
+# temperature 0.01 (scale 100), and it gained more at 100 than at 50 or 20 on the development collections
+# (docs/RESULTS.md).
+DOCUMENTS_SCALE = 100.0
 # `--max_seq_length 0`: tokens per training text. Documents run longer than titles (median 230-360 tokens on the
 # development manuals): at 128 the documents default trained on a third of a Python section; at 256 every
 # development collection's gain has its interval above zero, more than at 128 on the FAQ and Python, within noise
 # elsewhere, in twice the training time (docs/RESULTS.md).
 DOCUMENTS_MAX_SEQ_LENGTH = 256
 # `--eval_steps 0`: development evaluations per run, besides step 0. Each costs a pass over the development queries
-# and their distractors (on the catalog about as long as five training steps). Pairs (mnrl alone) are evaluated at
-# each epoch's end only: on both catalogs, in every run, the last state of the epoch was the best or within noise
-# of it (docs/RESULTS.md), so evaluations within it bought nothing but time. Other objectives overtrain within an
-# epoch: DEV_EVALUATIONS spread over the run.
+# and their distractors (on the catalog about as long as five training steps). An objective whose spec says so
+# (mnrl) is evaluated at each epoch's end only; the others overtrain within an epoch: DEV_EVALUATIONS spread over
+# the run.
 DEV_EVALUATIONS = 4
 # `--adapt queries`: the softmax over the stored documents at e5's own scale 100 (issue 32 measured scale 50, and the
 # batch's documents alone as negatives, gaining much less on the Russian catalog), and three epochs over pairs with
 # selection at each epoch's end: on the Russian catalog, more than one epoch at the same learning rate
 # (docs/RESULTS.md, "Query side only").
 QUERY_SIDE_SCALE, QUERY_SIDE_PAIRS_EPOCHS = 100.0, 3.0
-# `--lora_scales auto`: the adapter strengths tried after selection. On pairs, half strength never did better on
-# the catalogs' test queries, even where it won on the development pairs (docs/RESULTS.md): pairs try none.
-AUTO_LORA_SCALES, PAIRS_LORA_SCALES = (0.5,), ()
 
 
 @dataclass(frozen=True)
@@ -80,6 +74,10 @@ class RunPlan:
         eval_steps: steps between development evaluations (0 until `with_budget` resolves it).
         adapt: `both` sides, or `queries` alone against the base's stored document embeddings (src/query_side.py).
         epochs: passes over the training examples (when max_steps is 0).
+        precision: nf4, none or full ("" until `with_hardware` resolves --precision auto).
+        checkpoint_every: every how many encoder layers backward recomputes (0: none).
+        bf16: bf16 mixed precision in training.
+        device: where it trains (cpu or cuda).
     """
 
     objective: str
@@ -95,6 +93,10 @@ class RunPlan:
     eval_steps: int = 0
     adapt: str = "both"
     epochs: float = 1.0
+    precision: str = ""
+    checkpoint_every: int = 0
+    bf16: bool = False
+    device: str = ""
 
     @property
     def queries_only(self) -> bool:
@@ -115,10 +117,20 @@ class RunPlan:
             max_steps = math.ceil(min(DOCUMENTS_PAIRS, DOCUMENTS_MAX_EPOCHS * examples) / per_step)
         epoch = math.ceil(examples / per_step)
         steps = max_steps or math.ceil(epoch * self.epochs)
-        spread = epoch if self.objective == "mnrl" else max(1, math.ceil(steps / DEV_EVALUATIONS))
+        spec = alone(self.objective)
+        spread = epoch if spec and spec.evaluate_each_epoch else max(1, math.ceil(steps / DEV_EVALUATIONS))
         # the documents recipe neither selects nor monitors: nothing is evaluated during its training
         eval_steps = 0 if self.documents_recipe else train.eval_steps or spread
         return dataclasses.replace(self, max_steps=max_steps, eval_steps=eval_steps)
+
+    def with_hardware(self, model: ModelConfig, train: TrainConfig, device: str) -> "RunPlan":
+        """What the model and the device (`--device auto`, resolved by model_builder.pick_device) decide: --precision
+        auto (4-bit where it saves memory), the layers recomputed in backward, and --bf16 auto (where the device
+        computes bf16 natively)."""
+        precision = resolve_precision(model)
+        requested = train.checkpoint_every if train.gradient_checkpointing else 0
+        return dataclasses.replace(self, precision=precision, bf16=bf16_enabled(device, train.bf16), device=device,
+                                   checkpoint_every=checkpointed_every(model, precision, requested))
 
 
 def resolve_objective(objective: str, columns, pair_columns: list[str], text_column: str, path: str) -> str:
@@ -131,6 +143,7 @@ def resolve_objective(objective: str, columns, pair_columns: list[str], text_col
                   f"has no pair columns ({','.join(pair_columns) or '--pair_columns is empty'}): documents alone")
         logger.info("objective auto -> %s: %s %s", chosen, path, reason)
         return chosen
+    check_objective(objective)
     missing = [c for c in pair_columns if c not in columns] if needs_pairs(objective) else []
     if needs_pairs(objective) and (missing or len(pair_columns) != 2):
         column = missing[0] if missing else "(none given)"
@@ -152,11 +165,13 @@ def dev_construction(requested: str, objective: str) -> str:
     return next((c for c in DOCUMENT_CONSTRUCTIONS if c not in trained), DOCUMENT_CONSTRUCTIONS[0])
 
 
-def check_lever(option: str, value, objective: str, applies_to: tuple[str, ...]) -> None:
+def check_levers(train: TrainConfig, objective: str) -> None:
     """A lever set for an objective that has none of the parts it acts on is a one-line error, never ignored."""
-    if value and not set(parts(objective)) & set(applies_to):
-        raise UsageError(f"option --{option}: acts on {', '.join(applies_to)}, which --objective {objective} does "
-                         f"not train on")
+    for option in LEVERS:
+        applies_to = [name for name, spec in OBJECTIVES.items() if option in spec.levers]
+        if getattr(train, option) and not set(parts(objective)) & set(applies_to):
+            raise UsageError(f"option --{option}: acts on {', '.join(applies_to)}, which --objective {objective} "
+                             f"does not train on")
 
 
 def check_query_side(train: TrainConfig, objective: str) -> None:
@@ -167,7 +182,7 @@ def check_query_side(train: TrainConfig, objective: str) -> None:
     if objective not in QUERY_SIDE_PARTS:
         raise UsageError(f"option --adapt {train.adapt}: needs one objective with a query side "
                          f"({', '.join(QUERY_SIDE_PARTS)}), not {objective}; use --adapt both")
-    if objective != "mnrl":  # docs/RESULTS.md, "Query side only"
+    if not needs_pairs(objective):  # docs/RESULTS.md, "Query side only"
         logger.warning("--adapt %s on documents alone: on the development collections the query side gained less "
                        "than --adapt both on every one, and nothing on one of them; judge it with --eval_data",
                        train.adapt)
@@ -187,8 +202,7 @@ def plan_run(cfg: Config, columns: list[str], world: int = 1) -> RunPlan:
         # cannot handle TSDAE's second pass through the same (shared) layers.
         raise UsageError(f"option --objective {objective}: not supported under torchrun; run tsdae, then mnrl from "
                          f"its merged/ model, or train on one process")
-    check_lever("hard_negatives", t.hard_negatives, objective, ("mnrl", *DOCUMENT_CONSTRUCTIONS))
-    check_lever("round_trip_top_k", t.round_trip_top_k, objective, DOCUMENT_CONSTRUCTIONS)
+    check_levers(t, objective)
     recipe = t.objective == "auto" and objective == DOCUMENTS_DEFAULT
     if t.round_trip_top_k and not (recipe or t.max_steps):
         raise UsageError("option --round_trip_top_k: needs a fixed number of steps (the documents default's budget, "
@@ -197,14 +211,13 @@ def plan_run(cfg: Config, columns: list[str], world: int = 1) -> RunPlan:
         raise UsageError("option --monitor_data: the documents-alone default trains without model selection; pass "
                          f"--objective {DOCUMENTS_DEFAULT} to select on development pairs and monitor them")
     check_query_side(t, objective)
-    select, pairs_alone, queries = t.select_best and not recipe, objective == "mnrl", t.adapt in QUERY_SIDE_MODES
-    learning_rate = t.learning_rate or (PAIRS_LEARNING_RATE if pairs_alone else OTHER_LEARNING_RATE)
-    scale = t.mnrl_scale or (QUERY_SIDE_SCALE if queries else PAIRS_SCALE if pairs_alone
-                             else DOCUMENTS_SCALE if recipe else OTHER_SCALE)
-    epochs = t.epochs or (QUERY_SIDE_PAIRS_EPOCHS if queries and pairs_alone else 1.0)
+    select, spec, queries = t.select_best and not recipe, alone(objective), t.adapt in QUERY_SIDE_MODES
+    learning_rate = t.learning_rate or (spec.learning_rate if spec else LEARNING_RATE)
+    scale = t.mnrl_scale or (QUERY_SIDE_SCALE if queries else DOCUMENTS_SCALE if recipe
+                             else spec.scale if spec else SCALE)
+    epochs = t.epochs or (QUERY_SIDE_PAIRS_EPOCHS if queries and needs_pairs(objective) else 1.0)
     length = cfg.model.max_seq_length or (DOCUMENTS_MAX_SEQ_LENGTH if recipe else TRAIN_MAX_SEQ_LENGTH)
-    scales = t.lora_scale_values() if t.lora_scales != "auto" else (
-        PAIRS_LORA_SCALES if pairs_alone else AUTO_LORA_SCALES)
+    scales = t.lora_scale_values() if t.lora_scales != "auto" else (spec.lora_scales if spec else LORA_SCALES)
     return RunPlan(objective, recipe, select, tuple(scales) if select else (),
                    dev_construction(t.dev_construction, objective), cfg.data.validation_fraction if select else 0.0,
                    t.max_steps, learning_rate, scale, length, adapt=t.adapt, epochs=epochs)

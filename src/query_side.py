@@ -24,11 +24,11 @@ import torch
 import torch.nn.functional as F
 from sentence_transformers import SentenceTransformer
 
-from src.config import DOCUMENT_CONSTRUCTIONS, TrainConfig
+from src.config import DOCUMENT_CONSTRUCTIONS
 from src.create_dataset import TrainingData
 from src.document_pairs import DocumentPairs
 from src.encoding import StoredEncoder
-from src.objectives import Objective
+from src.objectives import BuildInputs, Objective
 
 logger = logging.getLogger(__name__)
 
@@ -147,24 +147,24 @@ def document_queries_dataset(texts: list[str], indices: list[int], construction:
     return dataset
 
 
-def query_side_objective(objective: str, train: TrainConfig, model: SentenceTransformer, data: TrainingData,
-                         stored: StoredEncoder, with_map: bool = False) -> Objective:
+def query_side_objective(objective: str, inputs: BuildInputs, stored: StoredEncoder,
+                         with_map: bool = False) -> Objective:
     """The training dataset (queries and their documents' rows in the bank) and StoredEmbeddingsLoss over the
     base model's embeddings of the bank, for one part of QUERY_SIDE_PARTS; `with_map`: a document map trains too.
     Model selection's development data is src/selection.py's (its corpus stored the same way)."""
-    prompts = model.prompts or {}
+    model, data, seed, prompts = inputs.model, inputs.data, inputs.train.seed_for("train"), inputs.prompts
     epoch_aware = []
     if objective == "mnrl":
         documents, pairs = pairs_bank(data)
         dataset = pairs_queries_dataset(pairs)
     else:
-        indices = documents_bank(data.texts, train.seed_for("train"))
-        construction = DocumentPairs(objective, train.seed_for("train"), data.texts)
+        indices = documents_bank(data.texts, seed)
+        construction = DocumentPairs(objective, seed, data.texts)
         documents, epoch_aware = [data.texts[i] for i in indices], [construction]
         dataset = document_queries_dataset(data.texts, indices, construction)
     bank = torch.from_numpy(stored.documents(documents))
     logger.info("query side: %d training queries against %d stored document embeddings", len(dataset), len(bank))
     query_prompt = {"anchor": prompts["query"]} if prompts.get("query") else {}
     document_map = attach_document_map(model, bank.shape[1]) if with_map else None
-    return Objective(dataset, None, StoredEmbeddingsLoss(model, bank, train.mnrl_scale, document_map), query_prompt,
+    return Objective(dataset, None, StoredEmbeddingsLoss(model, bank, inputs.scale, document_map), query_prompt,
                      epoch_aware=epoch_aware)

@@ -16,7 +16,6 @@ run) and renamed to `<output_dir>/` only when everything is written:
 
 from __future__ import annotations
 
-import dataclasses
 import gc
 import json
 import logging
@@ -31,7 +30,6 @@ from sentence_transformers.sentence_transformer.training_args import SentenceTra
 from transformers import ProgressCallback, set_seed
 
 from src.callbacks import (
-    DecoderWarmupCallback,
     EpochCallback,
     StopOnSignalCallback,
     TrainableStateCallback,
@@ -50,8 +48,8 @@ from src.create_dataset import TrainingData, load_training_data
 from src.encoding import StoredEncoder
 from src.errors import KitError, run_cli, writing
 from src.evaluation import evaluate_run
-from src.model_builder import bf16_enabled, build_model, pick_device, trained_precision, world_rank, world_size
-from src.objectives import build_objective, needs_pairs, needs_texts, uses_in_batch_negatives
+from src.model_builder import build_model, pick_device, trained_precision, world_rank, world_size
+from src.objectives import BuildInputs, build_objective, needs_pairs, needs_texts, uses_in_batch_negatives
 from src.plan import RunPlan, describe, plan_run
 from src.plots import plot_loss
 from src.query_side import BANK_DOCUMENTS, detach_document_map, query_side_objective
@@ -116,7 +114,7 @@ def training_arguments(train: TrainConfig, plan: RunPlan, folder: Path, device: 
         learning_rate=plan.learning_rate, num_train_epochs=plan.epochs, max_steps=plan.max_steps or -1,
         warmup_steps=train.warmup_ratio, lr_scheduler_type=train.lr_scheduler, weight_decay=train.weight_decay,
         logging_steps=train.logging_steps, save_steps=train.save_steps, save_total_limit=SAVE_TOTAL_LIMIT,
-        seed=train.seed, data_seed=train.seed, bf16=bf16_enabled(device, train.bf16), use_cpu=device == "cpu",
+        seed=train.seed, data_seed=train.seed, bf16=plan.bf16, use_cpu=device == "cpu",
         report_to="none", eval_strategy="steps" if has_dev else "no", eval_steps=plan.eval_steps if has_dev else None,
         prompts=prompts or None, dataloader_num_workers=0,
         # The duplicate check reads every row: for TSDAE alone that would compute each text's noise twice.
@@ -133,24 +131,21 @@ def build_trainer(cfg: Config, plan: RunPlan, model, data: TrainingData, folder:
     """The objective's datasets and loss, model selection (with the monitor) and the kit's callbacks, in one
     trainer."""
     t = cfg.train
-    resolved = dataclasses.replace(t, mnrl_scale=plan.mnrl_scale, max_steps=plan.max_steps)  # as the plan decided
+    inputs = BuildInputs(t, cfg.noise, plan.mnrl_scale, plan.max_steps, model, data)
     # the query side trains against the base's document embeddings, computed once (and cached) as the index has them
     stored = StoredEncoder(cfg.model.model_name_or_path, cfg.eval) if plan.queries_only else None
-    objective = (query_side_objective(plan.objective, resolved, model, data, stored, plan.adapt == "queries+map")
-                 if stored is not None else build_objective(plan.objective, resolved, cfg.noise, model, data))
-    if objective.decoder is not None:
-        # Registered under the Transformer module, so data-parallel wrappers see (and all-reduce) its weights
-        # and the checkpoints include them.
-        model[0].tsdae_decoder = objective.decoder
+    objective = (query_side_objective(plan.objective, inputs, stored, plan.adapt == "queries+map")
+                 if stored is not None else build_objective(plan.objective, inputs))
+    if objective.modules:
+        # Registered under the Transformer module while it trains, so data-parallel wrappers see (and all-reduce)
+        # their weights and the checkpoints include them; dropped before the models are saved.
+        model[0].objective_modules = torch.nn.ModuleDict(objective.modules)
     selection = model_selection(model, data, plan, t, cfg.eval.eval_batch_size, monitor, folder,
-                                bf16_enabled(device, t.bf16), stored)
+                                plan.bf16, stored)
     if stored is not None:
         stored.close()  # the base model is not needed during training
-    callbacks = [TrainableStateCallback(model), StopOnSignalCallback(), EpochCallback(objective.epoch_aware)]
-    if objective.decoder is not None and t.decoder_warmup_steps:
-        decoder_ids = {id(p) for p in objective.decoder.parameters()}
-        encoder_params = [p for p in model.parameters() if p.requires_grad and id(p) not in decoder_ids]
-        callbacks.append(DecoderWarmupCallback(encoder_params, t.decoder_warmup_steps))
+    callbacks = [TrainableStateCallback(model), StopOnSignalCallback(), EpochCallback(objective.epoch_aware),
+                 *objective.callbacks]
     if selection is not None:
         callbacks.append(selection)
     # sentence-transformers samples widget examples for a model card at trainer start (its own progress bar; for
@@ -186,10 +181,10 @@ def run_training(trainer: KitTrainer, checkpoint: str | None, batch_size: int):
     return result
 
 
-def read_inputs(cfg: Config) -> tuple[RunPlan, TrainingData, RetrievalData | None, RetrievalData | None]:
+def read_inputs(cfg: Config, device: str) -> tuple[RunPlan, TrainingData, RetrievalData | None, RetrievalData | None]:
     """The training file (read once: its columns and size decide the plan), the evaluation data and the monitor's,
-    all checked before any folder or model exists, so that bad data fails in seconds, not after the training.
-    Returns the plan, the training, evaluation and monitor data."""
+    all checked before any folder or model exists, so that bad data fails in seconds, not after the training; then
+    what the model and `device` decide. Returns the plan, the training, evaluation and monitor data."""
     frame = read_table(cfg.data.train_file, cfg.data.text_column)
     plan = plan_run(cfg, [str(c) for c in frame.columns], world_size())
     data = load_training_data(cfg.data, cfg.train.seed, needs_texts(plan.objective), needs_pairs(plan.objective),
@@ -203,7 +198,7 @@ def read_inputs(cfg: Config) -> tuple[RunPlan, TrainingData, RetrievalData | Non
                 len(data.dev_texts), len(data.dev_pairs)))
     eval_data, monitor = (load_retrieval_data(path, cfg.eval.query_column, cfg.eval.document_column) if path else None
                           for path in (cfg.eval.eval_data, cfg.train.monitor_data))
-    return plan, data, eval_data, monitor
+    return plan.with_hardware(cfg.model, cfg.train, device), data, eval_data, monitor
 
 
 def run_record(cfg: Config, plan: RunPlan, data: TrainingData, trainer: KitTrainer, result, selection: dict,
@@ -236,8 +231,7 @@ def train_model(cfg: Config, plan: RunPlan, data: TrainingData, folder: Path, de
                 monitor: RetrievalData | None) -> tuple[KitTrainer, object, dict]:
     """Build, train (from the last checkpoint with --resume) and select: the trainer, its result and run.json's
     selection record."""
-    model_cfg = dataclasses.replace(cfg.model, max_seq_length=plan.max_seq_length)  # as the plan decided
-    model = build_model(model_cfg, device, cfg.train.checkpoint_every * cfg.train.gradient_checkpointing)
+    model = build_model(cfg.model, device, plan.checkpoint_every, plan.max_seq_length, plan.precision)
     if world_rank() == 0:
         check_space(folder, expected_bytes(model, cfg.model, plan.queries_only), fresh=not cfg.train.resume)
     trainer, selection = build_trainer(cfg, plan, model, data, folder, device, monitor)
@@ -251,8 +245,8 @@ def train_model(cfg: Config, plan: RunPlan, data: TrainingData, folder: Path, de
         # no collective runs after training: each torchrun process shuts its group down itself, rather than
         # leaving gloo's threads to the interpreter's exit (a process then aborted now and then)
         torch.distributed.destroy_process_group()
-    if hasattr(model[0], "tsdae_decoder"):
-        del model[0].tsdae_decoder
+    if hasattr(model[0], "objective_modules"):
+        del model[0].objective_modules
     return trainer, result, selection.finish(trainer) if selection is not None else dict(NO_SELECTION)
 
 
@@ -270,7 +264,7 @@ def train(cfg: Config) -> Path:
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     device = pick_device(cfg.train.device)
-    plan, data, eval_data, monitor = read_inputs(cfg)
+    plan, data, eval_data, monitor = read_inputs(cfg, device)
     if world_rank() != 0:  # torchrun's other processes train; the first one writes the run folder
         train_model(cfg, plan, data, partial_folder(cfg.output), device, monitor)
         return partial_folder(cfg.output)

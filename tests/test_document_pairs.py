@@ -180,7 +180,7 @@ def lora_model(tiny_xlmr):
 
 
 def test_disabled_adapter_embeddings_equal_the_base_model(lora_model):
-    from src.objectives import adapters_disabled
+    from src.objectives.base import adapters_disabled
 
     model, base = lora_model
     texts = DOCS[:8]
@@ -363,11 +363,11 @@ def test_the_lead_part_trains_only_the_documents_its_round_trip_keeps(tiny_xlmr)
     from src.config import NoiseConfig
     from src.create_dataset import TrainingData
     from src.model_builder import build_model
-    from src.objectives import build_objective
+    from src.objectives import BuildInputs, build_objective
 
     model, data = build_model(ModelConfig(model_name_or_path=str(tiny_xlmr), precision="none")), TrainingData(DOCS, [])
-    sizes = [len(build_objective("lead", TrainConfig(round_trip_top_k=k, mnrl_scale=20), NoiseConfig(), model,
-                                 data).train_dataset)
+    sizes = [len(build_objective("lead", BuildInputs(TrainConfig(round_trip_top_k=k), NoiseConfig(), 20.0, 0, model,
+                                                     data)).train_dataset)
              for k in (0, 5, len(DOCS))]
     assert sizes[0] == sizes[2] == len(DOCS) and 0 < sizes[1] < len(DOCS)
 

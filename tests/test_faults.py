@@ -13,7 +13,7 @@ from transformers import TrainerCallback
 
 from src import trainer as trainer_module
 from src.errors import KitError
-from src.tsdae import TSDAELoss
+from src.objectives.tsdae import TSDAELoss
 
 
 def with_callback(monkeypatch, callback):

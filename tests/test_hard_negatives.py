@@ -91,6 +91,9 @@ def test_lever_options_that_cannot_apply_are_one_line_errors():
     with pytest.raises(UsageError, match="option --round_trip_top_k: needs a fixed number of steps"):
         plan_run(Config(train=TrainConfig(objective="lead", round_trip_top_k=3)), ["_id", "text"])
     plan_run(Config(train=TrainConfig(objective="lead", round_trip_top_k=3, max_steps=5)), ["_id", "text"])
+    with pytest.raises(UsageError, match="option --mini_batch_size: acts on mnrl, .*--objective tsdae does not"):
+        plan_run(Config(train=TrainConfig(objective="tsdae", mini_batch_size=8)), ["_id", "text"])
+    plan_run(Config(train=TrainConfig(objective="tsdae+lead", mini_batch_size=8)), ["_id", "text"])  # lead has it
     with pytest.raises(UsageError, match="option --mini_batch_size: cannot be combined with --anchor_weight"):
         TrainConfig(mini_batch_size=8, anchor_weight=1.0)
 
@@ -99,12 +102,12 @@ def test_pairs_from_documents_train_with_mined_negatives_from_other_documents(ti
     from src.config import NoiseConfig
     from src.create_dataset import TrainingData
     from src.model_builder import build_model
-    from src.objectives import build_objective
+    from src.objectives import BuildInputs, build_objective
 
     texts = read_texts(RU_TRAIN, 60)
     model = build_model(ModelConfig(model_name_or_path=str(tiny_xlmr), precision="none"))
-    built = build_objective("lead", TrainConfig(hard_negatives=2, mnrl_scale=20), NoiseConfig(), model,
-                            TrainingData(texts, []))
+    built = build_objective("lead", BuildInputs(TrainConfig(hard_negatives=2), NoiseConfig(), 20.0, 0, model,
+                                                TrainingData(texts, [])))
     rows = built.train_dataset
     assert rows.column_names == ["anchor", "positive", "negative_1", "negative_2"] and len(rows) == len(texts)
     positives = set(rows["positive"])
@@ -119,15 +122,18 @@ def test_mined_document_pairs_with_fixed_steps_are_drawn_for_the_documents_those
     from src.config import NoiseConfig
     from src.create_dataset import TrainingData
     from src.model_builder import build_model
-    from src.objectives import build_objective, within_budget
+    from src.objectives import BuildInputs, build_objective
+    from src.objectives.base import within_budget
 
     texts = read_texts(RU_TRAIN, 60)
     model = build_model(ModelConfig(model_name_or_path=str(tiny_xlmr), precision="none"))
-    train = TrainConfig(hard_negatives=1, mnrl_scale=20, max_steps=2, batch_size=8)
-    rows = build_objective("lead", train, NoiseConfig(), model, TrainingData(texts, [])).train_dataset
+    inputs = BuildInputs(TrainConfig(hard_negatives=1, batch_size=8), NoiseConfig(), 20.0, 2, model,
+                         TrainingData(texts, []))  # the plan's 2 steps
+    rows = build_objective("lead", inputs).train_dataset
     assert len(rows) == 16 and len(set(rows["positive"])) == 16  # 2 steps of 8, mined among those 16 only
     assert set(rows["negative_1"]) <= set(rows["positive"])
-    chosen = within_budget(range(60), train)
-    assert chosen == sorted(chosen) and len(set(chosen)) == 16 and chosen == within_budget(range(60), train)
-    assert within_budget(range(10), train) == list(range(10))  # a smaller file: every document
-    assert within_budget(range(60), TrainConfig(hard_negatives=1)) == list(range(60))  # epochs: every document
+    chosen = within_budget(range(60), inputs)
+    assert chosen == sorted(chosen) and len(set(chosen)) == 16 and chosen == within_budget(range(60), inputs)
+    assert within_budget(range(10), inputs) == list(range(10))  # a smaller file: every document
+    by_epochs = BuildInputs(TrainConfig(hard_negatives=1), NoiseConfig(), 20.0, 0, model, TrainingData(texts, []))
+    assert within_budget(range(60), by_epochs) == list(range(60))  # epochs: every document

@@ -3,6 +3,7 @@ reports a worse model as worse."""
 
 import json
 import logging
+import re
 
 import numpy as np
 import pandas as pd
@@ -11,7 +12,7 @@ from conftest import ROOT, RU_TRAIN
 
 from src.config import Config, DataConfig, EvalConfig, ModelConfig, OutputConfig, TrainConfig
 from src.create_dataset import load_training_data
-from src.errors import KitError
+from src.errors import KitError, UsageError
 from src.tables import read_table
 from src.text import normalized_key
 
@@ -125,8 +126,48 @@ def test_model_selection_keeps_the_base_when_training_only_hurts(tmp_path, e5_ca
     assert run["evaluation"]["verdict"] == "not distinguishable"
 
 
-def test_every_objective_part_named_in_the_settings_is_built_by_the_objectives():
-    from src.config import OBJECTIVE_PARTS
-    from src.objectives import PARTS
+def test_every_registered_objective_is_named_in_the_help_and_unknown_ones_are_refused():
+    from src.objectives import OBJECTIVES
+    from src.plan import plan_run
 
-    assert sorted(PARTS) == sorted(OBJECTIVE_PARTS)
+    help_text = TrainConfig.__dataclass_fields__["objective"].metadata["help"]
+    assert [name for name in OBJECTIVES if name not in help_text] == []
+    for objective in ("nope", "lead+lead", "lead+"):
+        with pytest.raises(UsageError, match=f"option --objective {re.escape(objective)}: must be auto or distinct"):
+            plan_run(Config(train=TrainConfig(objective=objective)), ["_id", "text"])
+
+
+TOY_OBJECTIVE = """
+from src.create_dataset import pairs_dataset
+from src.objectives import register
+from src.objectives.base import BuildInputs, Objective, ObjectiveSpec, contrastive_loss, query_passage_prompts
+
+
+def build(inputs: BuildInputs) -> Objective:
+    pairs = [(text.split(".")[0], text) for text in inputs.data.texts]  # a text's first sentence -> the text
+    return Objective(pairs_dataset(pairs), None, contrastive_loss(inputs), query_passage_prompts(inputs.prompts))
+
+
+SPEC = register(ObjectiveSpec("toy", "a text's first sentence -> the text", build, learning_rate=3e-4, scale=30.0))
+"""
+
+
+def test_a_new_objective_is_one_file_the_plan_and_trainer_take_as_it_declares(tmp_path, tiny_xlmr):
+    import importlib.util
+
+    from src.objectives import OBJECTIVES
+    from src.trainer import train
+
+    path = tmp_path / "toy.py"
+    path.write_text(TOY_OBJECTIVE)
+    spec = importlib.util.spec_from_file_location("toy_objective", path)
+    spec.loader.exec_module(importlib.util.module_from_spec(spec))
+    try:
+        cfg = tiny_run(tmp_path, tiny_xlmr, "toy", learning_rate=0.0, max_steps=1, select_best=False)
+        folder = train(cfg)
+    finally:
+        del OBJECTIVES["toy"]
+    run = json.loads((folder / "run.json").read_text())
+    assert run["objective"] == "toy" and run["steps"] == 1
+    assert run["plan"]["learning_rate"] == 3e-4 and run["plan"]["mnrl_scale"] == 30.0  # its own defaults
+    assert (folder / "merged" / "model.safetensors").is_file()

@@ -16,7 +16,7 @@ from src.model_builder import (
     resolve_precision,
     trained_precision,
 )
-from src.tsdae import TSDAELoss, corpus_vocabulary
+from src.objectives.tsdae import TSDAELoss, corpus_vocabulary
 
 
 def batch(model, texts):

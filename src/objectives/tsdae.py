@@ -1,4 +1,8 @@
-"""TSDAE with a decoder that reuses the encoder's own (4-bit, LoRA-adapted) layers.
+"""tsdae: a denoising auto-encoder on single texts, with a decoder that reuses the encoder's own (4-bit,
+LoRA-adapted) layers.
+
+Reference: Wang, Reimers, Gurevych, "TSDAE: Using Transformer-based Sequential Denoising Auto-Encoder for
+Unsupervised Sentence Embedding Learning", Findings of EMNLP 2021.
 
 sentence-transformers' `DenoisingAutoEncoderLoss` builds its decoder as a second Hugging Face model. Untied,
 that is a full-precision copy trained in full, which undoes QLoRA's saving; tied, it shares parameters by
@@ -11,11 +15,19 @@ transform and bias. The output projection is the (tied) word-embedding matrix.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn.functional as F
 from sentence_transformers import SentenceTransformer
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+from transformers import TrainerCallback
+
+from src.noise import WordNoise, noisy_dataset
+from src.objectives.base import BuildInputs, Objective, ObjectiveSpec
+
+logger = logging.getLogger(__name__)
 
 
 class SentenceCrossAttention(nn.Module):
@@ -183,3 +195,44 @@ def corpus_vocabulary(model: SentenceTransformer, texts: list[str]) -> torch.Ten
         for row in encoded["input_ids"]:
             ids.update(row)
     return torch.tensor(sorted(ids), dtype=torch.long)
+
+
+# --------------------------------------------------------------------------------------------------------
+# The objective
+
+
+class DecoderWarmupCallback(TrainerCallback):
+    """For the first `steps` optimizer steps only the decoder's new weights learn. Its cross-attention starts
+    random, so the encoder's early gradients would chase a decoder that cannot yet read a sentence vector."""
+
+    def __init__(self, encoder_params: list[torch.nn.Parameter], steps: int):
+        self.encoder_params, self.steps = encoder_params, steps
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        if state.global_step < self.steps:
+            for p in self.encoder_params:
+                p.grad = None  # AdamW skips parameters without a gradient
+
+
+def build(inputs: BuildInputs) -> Objective:
+    train, model, data = inputs.train, inputs.model, inputs.data
+    vocab = None
+    if train.decoder_vocab == "corpus":
+        vocab = corpus_vocabulary(model, data.texts + data.dev_texts)
+        logger.info("decoder softmax over %d corpus tokens (of %d)", len(vocab), model[0].auto_model.config.vocab_size)
+    loss = TSDAELoss(model, vocab, train.loss_chunk_tokens, train.gradient_checkpointing)
+    words = WordNoise(inputs.noise, train.seed_for("train"))
+    # fixed noise on the development texts: comparable losses from one evaluation to the next
+    dev_noise = WordNoise(inputs.noise, train.seed_for("development"))
+    dev = noisy_dataset(data.dev_texts, dev_noise) if data.dev_texts else None
+    passage = inputs.prompts.get("passage")
+    callbacks = []
+    if train.decoder_warmup_steps:
+        decoder_ids = {id(p) for p in loss.decoder.parameters()}
+        encoder = [p for p in model.parameters() if p.requires_grad and id(p) not in decoder_ids]
+        callbacks.append(DecoderWarmupCallback(encoder, train.decoder_warmup_steps))
+    return Objective(noisy_dataset(data.texts, words), dev, loss, {"noisy": passage} if passage else {},
+                     modules={"tsdae_decoder": loss.decoder}, callbacks=callbacks, epoch_aware=[words])
+
+
+SPEC = ObjectiveSpec("tsdae", "denoising auto-encoder on single texts", build, in_batch_negatives=False)
