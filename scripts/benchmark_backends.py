@@ -9,7 +9,8 @@ Why by hand: sentence-transformers' own exports (`export_dynamic_quantized_onnx_
 (which requires transformers < 4.58) and optimum-intel (transformers < 5.6, plus torchvision); the kit pins
 transformers 5.23, so neither imports. This script converts the same transformer with the backends' own
 converters instead: `openvino.convert_model` on the PyTorch module, NNCF's static int8 quantization calibrated on
-the collection's own training texts (`--calibration` of them, e5's `passage: ` prompt), `torch.onnx.export` and
+the collection's own training texts (`--calibration` of them, e5's `passage: ` prompt; src/export.py, as
+`--export openvino` does), `torch.onnx.export` and
 ONNX Runtime's dynamic int8 quantization. Pooling (mean over tokens) and normalization are done here as the
 model's own modules do them.
 
@@ -36,6 +37,7 @@ import numpy as np
 
 from src.encoding import load_model
 from src.evaluation import search
+from src.export import hidden_states, quantized_model
 from src.metrics import MAIN_METRIC, compare, format_difference, score_rankings
 from src.retrieval_data import load_retrieval_data
 
@@ -84,35 +86,17 @@ class TokenEncoder:
         return out
 
 
-def hidden_states_module(model):
-    """The model's transformer as a module of (input_ids, attention_mask) -> last hidden state, for the converters."""
-    import torch
-
-    class HiddenStates(torch.nn.Module):
-        def __init__(self, transformer):
-            super().__init__()
-            self.transformer = transformer
-
-        def forward(self, input_ids, attention_mask):
-            return self.transformer(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-
-    return HiddenStates(model[0].auto_model.eval())
-
-
 def openvino_model(model, work: Path, precision: str, calibration: list[str]):
-    """Convert (and for int8 quantize, NNCF's static post-training quantization on `calibration`), save, compile."""
+    """Convert (int8: quantize as `--export openvino` does, src/export.py), save, compile."""
     import openvino as ov
     import torch
 
-    example = TokenEncoder(model, None, 1).features(calibration[:2])
-    converted = ov.convert_model(hidden_states_module(model),
-                                 example_input={k: torch.from_numpy(v) for k, v in example.items()})
     if precision == "int8":
-        import nncf
-
-        samples = [TokenEncoder(model, None, 1).features([text]) for text in calibration]
-        converted = nncf.quantize(converted, nncf.Dataset(samples), model_type=nncf.ModelType.TRANSFORMER,
-                                  subset_size=len(samples))
+        converted = quantized_model(model, calibration)
+    else:
+        example = TokenEncoder(model, None, 1).features(["passage: a", "passage: a longer text"])
+        converted = ov.convert_model(hidden_states(model),
+                                     example_input={k: torch.from_numpy(v) for k, v in example.items()})
     path = work / f"openvino-{precision}" / "openvino_model.xml"
     ov.save_model(converted, path, compress_to_fp16=False)
     # fp32: computed in fp32; bf16 and int8: OpenVINO's default on CPUs with native bf16 (AMX/AVX512-BF16)
@@ -131,7 +115,7 @@ def onnx_model(model, work: Path, precision: str, threads: int):
         path.parent.mkdir(parents=True, exist_ok=True)
         example = TokenEncoder(model, None, 2).features(["passage: a", "passage: a longer text"])
         dims = {0: torch.export.Dim("batch"), 1: torch.export.Dim("length")}
-        torch.onnx.export(hidden_states_module(model), tuple(torch.from_numpy(v) for v in example.values()), path,
+        torch.onnx.export(hidden_states(model), tuple(torch.from_numpy(v) for v in example.values()), path,
                           input_names=list(example), output_names=["last_hidden_state"],
                           dynamic_shapes={name: dims for name in example}, dynamo=True)
     if precision == "int8":
@@ -189,7 +173,7 @@ def score(data, doc_emb: np.ndarray, query_emb: np.ndarray) -> dict[str, np.ndar
 
 def benchmark_collection(collection: Path, model, args, work: Path) -> list[dict]:
     data = load_retrieval_data(str(collection))
-    calibration = ["passage: " + t for t in training_texts(collection, args.calibration)]
+    calibration = training_texts(collection, args.calibration)  # the prompt is added as --export adds it
     rows, reference = [], None
     for backend in args.backends:
         encode, weights = build_encoder(backend, model, args, work / collection.parent.name, calibration)

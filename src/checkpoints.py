@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from src.errors import KitError
+
 logger = logging.getLogger(__name__)
 
 CHECKPOINTS = "checkpoints"  # the Trainer's folder inside the run folder: resumable states, removed at the end
@@ -61,8 +63,11 @@ def load_trainable_state(module: torch.nn.Module, state: dict, strict: bool = Tr
     """Copy `state` into `module`'s parameters; strict=False skips names the module no longer has (the TSDAE
     decoder, once training is over)."""
     params = dict(module.named_parameters())
+    unknown = [name for name in state if name not in params]
+    if strict and unknown:
+        raise KitError(f"checkpoint state has weights this model lacks ({unknown[0]}, ...): it was written by another "
+                       f"version of the kit or another model; start again with --overwrite")
     with torch.no_grad():
         for name, value in state.items():
-            if not strict and name not in params:
-                continue
-            params[name].copy_(value.to(params[name].device))
+            if name in params:
+                params[name].copy_(value.to(params[name].device))

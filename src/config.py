@@ -241,6 +241,10 @@ class EvalConfig(Settings):
 class OutputConfig(Settings):
     output_dir: str = help_field("Run folder (written atomically).", default="runs/e5-small-ru")
     overwrite: bool = help_field("Replace an existing, finished output_dir.", default=False)
+    export: Literal["", "openvino"] = help_field(
+        "After training, also export merged/ for CPU serving: openvino = an int8 OpenVINO model in openvino/ "
+        "(NNCF static quantization calibrated on the training texts; loads with SentenceTransformer(path, "
+        "trust_remote_code=True)), scored by the evaluation beside the PyTorch model. '' = none.", default="")
 
     def validate(self):
         check_option(bool(self.output_dir.strip()), "output_dir", "must not be empty")

@@ -19,6 +19,7 @@ from src.config import EvalConfig
 from src.embedding_cache import EmbeddingCache
 from src.errors import KitError, first_line
 from src.model_builder import bf16_enabled
+from src.openvino_module import MODULE_FILE
 
 logger = logging.getLogger(__name__)
 
@@ -99,8 +100,10 @@ def load_model(name_or_path: str, device: str | None = None):
     from src.provision import e5_document_prompt, resolve_model
 
     path = resolve_model(name_or_path)
+    exported = (path / MODULE_FILE).is_file()  # the kit's own export (src/export.py): its module's code is in it
     try:
-        return e5_document_prompt(SentenceTransformer(str(path), device=device))
+        return e5_document_prompt(SentenceTransformer(str(path), device="cpu" if exported else device,
+                                                      trust_remote_code=exported))
     except (OSError, ValueError) as exc:
         raise KitError(f"model {path}: cannot load as a sentence-transformers model "
                        f"({first_line(exc)})") from exc

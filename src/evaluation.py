@@ -116,8 +116,21 @@ def _fmt(x: float) -> str:
     return f"{100 * x:.2f}"
 
 
+def export_comparisons(results: dict[str, dict], samples: int, seed: int) -> dict:
+    """Each model after the first two (an export of the first, the candidate): its nDCG@10 paired against the
+    candidate (what the export costs) and against the baseline (whether it keeps the gain), with the verdict."""
+    names = list(results)
+    out = {}
+    for name in names[2:]:
+        against = {other: compare(results[name]["per_query"], results[other]["per_query"], samples, seed)
+                   for other in names[:2]}
+        out[name] = {f"vs_{other}": c[MAIN_METRIC] for other, c in against.items()}
+        out[name]["verdict_vs_" + names[1]] = verdict(against[names[1]])
+    return out
+
+
 def write_reports(results: dict[str, dict], comparison: dict | None, data: RetrievalData, settings: dict,
-                  folder: Path) -> dict:
+                  folder: Path, exports: dict | None = None) -> dict:
     folder.mkdir(parents=True, exist_ok=True)
     names = list(results)
     summary = {"data": data.describe(), "settings": settings,
@@ -125,6 +138,8 @@ def write_reports(results: dict[str, dict], comparison: dict | None, data: Retri
     if comparison:
         summary["comparison"] = {"candidate": names[0], "baseline": names[1], "metrics": comparison,
                                  "verdict": verdict(comparison)}
+    if exports:
+        summary["exports"] = exports
     (folder / "metrics.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     (folder / "report.md").write_text(markdown_report(summary), encoding="utf-8")
     d = summary["data"]
@@ -139,6 +154,23 @@ def encoding_cell(result: dict) -> str:
         return str(result["documents_per_second"])
     source = result.get("embeddings", {}).get("documents", "cache")
     return "cached" if source == "cache" else source
+
+
+def export_lines(summary: dict) -> list[str]:
+    """The report's paragraph on each exported model: what it costs against the candidate, and whether it keeps
+    the candidate's gain over the baseline."""
+    names = list(summary["models"])
+    candidate, baseline = names[:2] if len(names) > 1 else (names[0], None)
+    lines = []
+    for name, c in summary.get("exports", {}).items():
+        kept = c[f"verdict_vs_{baseline}"]
+        said = {"better": f"it keeps a gain over {baseline}", "worse": f"it is WORSE than {baseline}"}.get(
+            kept, f"it is not distinguishable from {baseline}")
+        score = _fmt(summary["models"][name]["metrics"][MAIN_METRIC])
+        lines += [f"**{name}** (an export of {candidate}): {MAIN_METRIC} {score}; minus {candidate} "
+                  f"{format_difference(c['vs_' + candidate])}, minus {baseline} "
+                  f"{format_difference(c['vs_' + baseline])}: {said}.", ""]
+    return lines
 
 
 def markdown_report(summary: dict) -> str:
@@ -168,6 +200,7 @@ def markdown_report(summary: dict) -> str:
         if v != "better":
             lines += ["WARNING: the adapted model is not better than the base model on these held-out pairs. "
                       "Keep using the base model, or change the recipe.", ""]
+    lines += export_lines(summary)
     lines += ["| model | max tokens | documents/s (encoding) | prompts (query, document) | "
               "random-pair cosine mean ± std* |",
               "|---|---|---|---|---|"]
@@ -225,9 +258,10 @@ def run_evaluation(models: dict[str, str], cfg: EvalConfig, folder: Path, seed: 
         del result["doc_emb"]
     names = list(results)
     comparison = (compare(results[names[0]]["per_query"], results[names[1]]["per_query"], cfg.bootstrap_samples, seed)
-                  if len(names) == 2 else None)
+                  if len(names) >= 2 else None)
     settings = {"index": cfg.index, "batch_size": cfg.eval_batch_size, "models": report_paths or models}
-    summary = write_reports(results, comparison, data, settings, folder)
+    exports = export_comparisons(results, cfg.bootstrap_samples, seed)
+    summary = write_reports(results, comparison, data, settings, folder, exports)
     for name in names:
         logger.info("%s: %s", name, ", ".join(f"{m} {100 * v:.2f}" for m, v in results[name]["metrics"].items()))
     if comparison:
@@ -236,23 +270,29 @@ def run_evaluation(models: dict[str, str], cfg: EvalConfig, folder: Path, seed: 
                    f"p {format_p(c['p_value'], '= ')}: {v}")
         (logger.info if v == "better" else logger.warning)(
             message + ("" if v == "better" else " -- the adapted model is NOT better than the base"))
+    for line in export_lines(summary)[::2]:
+        logger.info("%s", line.replace("**", ""))
     return summary
 
 
 def evaluate_run(cfg: EvalConfig, base: str, output_dir: str, folder: Path, data: RetrievalData,
-                 queries_only: bool = False) -> dict:
+                 queries_only: bool = False, exports: tuple[str, ...] = ()) -> dict:
     """Called by the trainer: the merged model of this run, still in its `.partial` folder (`folder`, to become
     `output_dir`), against the `base` model. Seeded as `python -m src.evaluation` is by default, so that rerunning
     it gives the same intervals. Only the base's embeddings go through the cache: the merged model is new in every
     run. `queries_only` (a query-side run, whose document side is the base): the corpus is encoded by the base
-    alone, and the adapted model encodes the queries."""
-    summary = run_evaluation({"adapted": str(folder / "merged"), "base": base}, cfg, folder / "evaluation",
-                             data=data, report_paths={"adapted": str(Path(output_dir) / "merged"), "base": base},
-                             cached={"base"}, documents_from={"adapted": "base"} if queries_only else None)
+    alone, and the adapted model encodes the queries. `exports`: the run's exported models (folders named after
+    them: openvino/), each scored beside the adapted model."""
+    models = {"adapted": folder / "merged", "base": base, **{f"adapted-{name}": folder / name for name in exports}}
+    shown = {name: str(Path(output_dir) / Path(path).relative_to(folder)) if name != "base" else base
+             for name, path in models.items()}
+    summary = run_evaluation({name: str(path) for name, path in models.items()}, cfg, folder / "evaluation",
+                             data=data, report_paths=shown, cached={"base"},
+                             documents_from={"adapted": "base"} if queries_only else None)
     comp = summary["comparison"]
     return {"verdict": comp["verdict"], MAIN_METRIC: comp["metrics"][MAIN_METRIC],
             "adapted": summary["models"]["adapted"]["metrics"], "base": summary["models"]["base"]["metrics"],
-            "documents_reencoded": not queries_only}
+            "documents_reencoded": not queries_only, **({"exports": summary["exports"]} if exports else {})}
 
 
 def main(argv=None) -> None:

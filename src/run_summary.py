@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from src.metrics import format_difference
+from src.metrics import MAIN_METRIC, format_difference
 from src.objectives import needs_pairs, needs_texts
+from src.selection import DEV_HISTORY, DEV_SCORE
 
 
 def training_counts(objective: str, texts: int, pairs: int, dev_texts: int, dev_pairs: int) -> str:
@@ -33,7 +34,7 @@ def summary_lines(summary: dict, final: Path) -> list[str]:
              kept_line(summary), saved_line(final)]
     ev = summary.get("evaluation")
     if ev:
-        c, base, adapted = ev["ndcg@10"], 100 * ev["base"]["ndcg@10"], 100 * ev["adapted"]["ndcg@10"]
+        c, base, adapted = ev[MAIN_METRIC], 100 * ev["base"][MAIN_METRIC], 100 * ev["adapted"][MAIN_METRIC]
         lines.append(f"held-out nDCG@10: base {base:.2f} -> adapted {adapted:.2f}, "
                      f"{format_difference(c, '95% CI ')}: {VERDICT_WORDS[ev['verdict']]}")
     else:
@@ -53,10 +54,10 @@ def kept_line(summary: dict) -> str:
     if selected is None:
         return f"kept: the last step ({summary['steps']}), no model selection"
     if selected["step"] == 0:
-        return f"kept: step 0, the base model unchanged (development nDCG@10 {100 * selected['dev_ndcg@10']:.2f})"
-    base = dict(map(tuple, summary.get("dev_ndcg@10_by_step") or [])).get(0)
+        return f"kept: step 0, the base model unchanged (development nDCG@10 {100 * selected[DEV_SCORE]:.2f})"
+    base = dict(map(tuple, summary.get(DEV_HISTORY) or [])).get(0)
     start = f"{100 * base:.2f} at step 0 -> " if base is not None else ""
-    return (f"kept: step {selected['step']} (development nDCG@10 {start}{100 * selected['dev_ndcg@10']:.2f}), "
+    return (f"kept: step {selected['step']} (development nDCG@10 {start}{100 * selected[DEV_SCORE]:.2f}), "
             f"adapter scale {scale:g}")
 
 

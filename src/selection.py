@@ -38,6 +38,7 @@ from src.config import TrainConfig
 from src.create_dataset import TrainingData
 from src.document_pairs import DocumentPairs
 from src.encoding import StoredEncoder
+from src.metrics import MAIN_METRIC, score_rankings
 from src.objectives import parts
 from src.plan import RunPlan
 from src.query_side import mapped
@@ -46,6 +47,9 @@ from src.retrieval_data import RetrievalData, pairs_to_retrieval
 logger = logging.getLogger(__name__)
 
 DEV_NAME, MONITOR_NAME = "dev", "monitor"  # evaluator names: metrics dev_cosine_ndcg@10, monitor_cosine_ndcg@10
+# run.json's and best.json's names for the development score, and the scores by step
+DEV_SCORE, DEV_HISTORY, MONITOR_HISTORY = (f"dev_{MAIN_METRIC}", f"dev_{MAIN_METRIC}_by_step",
+                                           f"monitor_{MAIN_METRIC}_by_step")
 MIN_DEV_PAIRS = 10  # fewer development queries cannot tell checkpoints apart: the run then trains unselected
 # A smaller adapter scale must beat the adapter as trained by this much development nDCG@10 to replace it: on
 # about a hundred development queries, smaller differences are noise, and following noise costs test quality.
@@ -53,7 +57,7 @@ MIN_SCALE_GAIN = 0.005
 BEST_FILE = "best_state.safetensors"  # trainable state of the best development evaluation
 BEST_RECORD = "best.json"  # its step and score
 HISTORY_FILE = "selection_history.json"  # every development (and monitor) score so far, for --resume
-NO_SELECTION = {"selected": None, "lora_scale": 1.0, "dev_ndcg@10_by_step": None}
+NO_SELECTION = {"selected": None, "lora_scale": 1.0, DEV_HISTORY: None}
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -79,15 +83,36 @@ def development_pairs(data: TrainingData, construction: str, train: TrainConfig,
 
 
 class SelectionEvaluator(InformationRetrievalEvaluator):
-    """The evaluator, encoding under bf16 autocast when training runs in it (`bf16`): model selection's evaluations
-    run outside the trainer's autocast, and in fp32 they took as long as ten training steps on the catalog. The
-    embeddings come back as fp32, so scores and ranks are computed as before. With `stored` (a query-side run), the
-    corpus is the base model's stored embeddings, computed once: only the queries are encoded by the model."""
+    """sentence-transformers' retrieval evaluator (its search over the corpus, its place in the trainer's
+    evaluation loop), scored by the kit's own metrics (src/metrics.py, graded relevance), so that model selection
+    and the final verdict measure alike. It encodes under bf16 autocast when training runs in it (`bf16`): model
+    selection's evaluations run outside the trainer's autocast, and in fp32 they took as long as ten training steps
+    on the catalog; the embeddings come back as fp32. With `stored` (a query-side run), the corpus is the base
+    model's stored embeddings, computed once: only the queries are encoded by the model.
 
-    def __init__(self, *args, bf16: bool = False, stored: StoredEncoder | None = None, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.bf16 = bf16
+    Args:
+        qrels: query id -> {document id: grade}; the parent class gets the relevant ids.
+    """
+
+    def __init__(self, queries: dict, corpus: dict, qrels: dict[str, dict[str, int]], *args, bf16: bool = False,
+                 stored: StoredEncoder | None = None, **kwargs):
+        super().__init__(queries, corpus, {q: set(d) for q, d in qrels.items()}, *args, ndcg_at_k=[10],
+                         mrr_at_k=[10], map_at_k=[100], accuracy_at_k=[1], precision_recall_at_k=[10], **kwargs)
+        self.qrels, self.bf16 = qrels, bf16
         self.stored_corpus = torch.from_numpy(stored.documents(self.corpus)) if stored is not None else None
+
+    def compute_metrics(self, queries_result_list: list) -> dict:
+        """The kit's nDCG@10, MRR@10, MAP@100 and Recall@10 of the rankings (ties broken as the parent class breaks
+        them), and the parent's accuracy@1 and precision@10 (which the kit does not report), in the parent's
+        layout."""
+        rankings = {query: [hit["corpus_id"] for hit in sorted(hits, key=lambda x: (-x["score"], x["corpus_id"]))]
+                    for query, hits in zip(self.queries_ids, queries_result_list)}
+        means = {name: float(values.mean()) for name, values in score_rankings(rankings, self.qrels).items()}
+        hits = [[self.qrels[q].get(d, 0) > 0 for d in ranking[:10]] for q, ranking in rankings.items()]
+        return {"accuracy@k": {1: float(np.mean([h[:1] == [True] for h in hits]))},
+                "precision@k": {10: float(np.mean([sum(h) / 10 for h in hits]))},
+                "recall@k": {10: means["recall@10"]}, "ndcg@k": {10: means["ndcg@10"]},
+                "mrr@k": {10: means["mrr@10"]}, "map@k": {100: means["map@100"]}}
 
     def compute_all_metrics(self, model, corpus_model=None, corpus_embeddings=None, output_path=None):
         if self.stored_corpus is not None:
@@ -111,13 +136,11 @@ class MonitorEvaluator(SelectionEvaluator):
 
 def retrieval_evaluator(name: str, data: RetrievalData, model: SentenceTransformer, batch_size: int, bf16: bool,
                         stored: StoredEncoder | None, kind: type = SelectionEvaluator):
-    """sentence-transformers' evaluator over queries, corpus and qrels (binary: relevant or not), with the model's
-    e5 prompts; the corpus `stored` by the base model in a query-side run."""
+    """The evaluator over queries, corpus and graded qrels, with the model's e5 prompts; the corpus `stored` by the
+    base model in a query-side run."""
     prompts = model.prompts or {}
-    return kind(
-        data.queries, data.corpus, {q: set(d) for q, d in data.qrels.items()}, name=name, batch_size=batch_size,
-        query_prompt=prompts.get("query"), corpus_prompt=prompts.get("passage"), ndcg_at_k=[10], mrr_at_k=[10],
-        accuracy_at_k=[1], precision_recall_at_k=[10], map_at_k=[100], bf16=bf16, stored=stored)
+    return kind(data.queries, data.corpus, data.qrels, name=name, batch_size=batch_size,
+                query_prompt=prompts.get("query"), corpus_prompt=prompts.get("passage"), bf16=bf16, stored=stored)
 
 
 def dev_evaluator(model: SentenceTransformer, data: TrainingData, plan: RunPlan, train: TrainConfig,
@@ -163,7 +186,7 @@ def dev_score(metrics: dict, evaluator: str = DEV_NAME) -> float | None:
     """nDCG@10 of one evaluator (model selection's, or the monitor's) in an evaluation's metrics, as the trainer
     logs them (`eval_dev_cosine_ndcg@10`) or as the evaluator returns them (`dev_cosine_ndcg@10`)."""
     prefixes = (f"{evaluator}_", f"eval_{evaluator}_")
-    return next((v for k, v in metrics.items() if k.startswith(prefixes) and k.endswith("ndcg@10")), None)
+    return next((v for k, v in metrics.items() if k.startswith(prefixes) and k.endswith(MAIN_METRIC)), None)
 
 
 def choose_lora_scale(model: torch.nn.Module, evaluator, trained_score: float, scales: list[float]) -> float:
@@ -212,7 +235,7 @@ class ModelSelection(TrainerCallback):
         self.model, self.evaluator, self.scales = model, evaluator, list(scales)
         self.file, self.record = folder / BEST_FILE, folder / BEST_RECORD
         saved = json.loads(self.record.read_text()) if self.record.exists() else {}  # a resumed run's best so far
-        self.best, self.step = saved.get("dev_ndcg@10", -math.inf), saved.get("step")
+        self.best, self.step = saved.get(DEV_SCORE, -math.inf), saved.get("step")
         self.history_file = folder / CHECKPOINTS / HISTORY_FILE
         kept = json.loads(self.history_file.read_text()) if self.history_file.exists() else {}
         self.history: list[tuple[int, float]] = [tuple(p) for p in kept.get("dev", [])]
@@ -246,7 +269,7 @@ class ModelSelection(TrainerCallback):
         if score > self.best:
             self.best, self.step = score, step
             save_trainable_state(self.model, self.file)
-            self.record.write_text(json.dumps({"step": step, "dev_ndcg@10": score}) + "\n")
+            self.record.write_text(json.dumps({"step": step, DEV_SCORE: score}) + "\n")
             logger.info("step %d: development nDCG@10 %.4f, the best so far", step, score)
 
     def finish(self, trainer) -> dict:
@@ -255,7 +278,7 @@ class ModelSelection(TrainerCallback):
         step, main_process = trainer.state.global_step, trainer.is_world_process_zero()
         if not self.history or self.history[-1][0] != step:
             self.consider(step, self.evaluator(trainer.model), main_process)
-        history = {"dev_ndcg@10_by_step": self.history, "monitor_ndcg@10_by_step": self.monitor or None}
+        history = {DEV_HISTORY: self.history, MONITOR_HISTORY: self.monitor or None}
         if not main_process:
             return {**NO_SELECTION, **history}
         selected = self.restore()
@@ -273,7 +296,7 @@ class ModelSelection(TrainerCallback):
         load_trainable_state(self.model, load_file(str(self.file)), strict=False)
         record = json.loads(self.record.read_text())
         logger.info("restored the best development state: step %d (nDCG@10 %.4f)", record["step"],
-                    record["dev_ndcg@10"])
+                    record[DEV_SCORE])
         return record
 
 

@@ -1,4 +1,4 @@
-"""One command: data -> the run's plan (src/plan.py) -> model -> training (the objectives of src/objectives.py) ->
+"""One command: data -> the run's plan (src/plan.py) -> model -> training (the objectives of src/objectives/) ->
 model selection on development pairs (src/selection.py) -> saved adapter and merged model (src/run_folder.py) ->
 retrieval evaluation against the base model (src/evaluation.py).
 
@@ -19,6 +19,7 @@ from __future__ import annotations
 import gc
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
 
@@ -48,6 +49,7 @@ from src.create_dataset import TrainingData, load_training_data
 from src.encoding import StoredEncoder
 from src.errors import KitError, run_cli, writing
 from src.evaluation import evaluate_run
+from src.export import check_export, export_openvino
 from src.model_builder import build_model, pick_device, trained_precision, world_rank, world_size
 from src.objectives import BuildInputs, build_objective, needs_pairs, needs_texts, uses_in_batch_negatives
 from src.plan import RunPlan, describe, plan_run
@@ -65,7 +67,7 @@ from src.run_folder import (
 )
 from src.run_lock import release
 from src.run_summary import summary_lines, training_counts
-from src.selection import NO_SELECTION, model_selection
+from src.selection import DEV_HISTORY, MONITOR_HISTORY, NO_SELECTION, model_selection
 from src.tables import read_table
 
 logger = logging.getLogger(__name__)
@@ -187,6 +189,7 @@ def read_inputs(cfg: Config, device: str) -> tuple[RunPlan, TrainingData, Retrie
     what the model and `device` decide. Returns the plan, the training, evaluation and monitor data."""
     frame = read_table(cfg.data.train_file, cfg.data.text_column)
     plan = plan_run(cfg, [str(c) for c in frame.columns], world_size())
+    check_export(cfg.output.export, plan.queries_only)
     data = load_training_data(cfg.data, cfg.train.seed, needs_texts(plan.objective), needs_pairs(plan.objective),
                               frame, plan.holdout_fraction)
     # a query-side run on documents alone trains on its bank's documents only
@@ -221,8 +224,8 @@ def write_outputs(cfg: Config, plan: RunPlan, folder: Path, trainer: KitTrainer,
         (folder / "training_log.json").write_text(json.dumps(history, indent=2) + "\n", encoding="utf-8")
         selected = summary["selected"]
         plot_loss(folder / "loss.png", history, plan.objective, Path(cfg.output.output_dir).name,
-                  summary["dev_ndcg@10_by_step"], selected["step"] if selected else None, summary["lora_scale"],
-                  summary.get("monitor_ndcg@10_by_step"))
+                  summary[DEV_HISTORY], selected["step"] if selected else None, summary["lora_scale"],
+                  summary.get(MONITOR_HISTORY))
         save_models(trainer.model, cfg.model, folder, queries_only=plan.queries_only,
                     document_map=detach_document_map(trainer.model))
 
@@ -286,10 +289,16 @@ def run_job(cfg: Config, plan: RunPlan, data: TrainingData, eval_data: Retrieval
     summary["peak_memory_gb"] = peak_memory_gb(device)  # after saving: the merge into a full-precision base counts
     del trainer, result
     free_memory(device)
+    exports = (cfg.output.export,) if cfg.output.export else ()
+    documents = data.texts or [document for _, document in data.pairs]  # calibrated on what an index holds
+    for name in exports:
+        with writing(f"the {name} export", folder):
+            shutil.rmtree(folder / name, ignore_errors=True)  # a resumed run exports its final model again
+            export_openvino(folder / "merged", folder / name, documents)
     with writing("the evaluation reports, run.json", folder):
         if eval_data is not None:
             summary["evaluation"] = evaluate_run(cfg.eval, cfg.model.model_name_or_path, cfg.output.output_dir,
-                                                 folder, eval_data, queries_only=plan.queries_only)
+                                                 folder, eval_data, plan.queries_only, exports)
         summary["total_seconds"] = round(time.time() - started, 1)
         (folder / "run.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         finalize_run_folder(folder, Path(cfg.output.output_dir))

@@ -14,6 +14,7 @@ from conftest import ROOT, RU_TRAIN
 from src.cli import parse_config, parse_groups
 from src.config import GROUPS, Config, EvalConfig, EvaluationArguments, OutputConfig, PreprocessConfig, TrainConfig
 from src.errors import UsageError, quiet_third_party
+from src.export import ExportArguments
 from src.run_folder import prepare_run_folder, save_settings
 
 
@@ -84,7 +85,8 @@ def test_trainer_refuses_to_overwrite_a_finished_run(tmp_path):
 
 HELP_GROUPS = {"src.cli": GROUPS, "src.create_dataset": GROUPS, "src.model_builder": GROUPS, "src.trainer": GROUPS,
                "src.preprocess": {"preprocess": PreprocessConfig},
-               "src.evaluation": {"evaluation": EvaluationArguments, "eval": EvalConfig}, "src.provision": {}}
+               "src.evaluation": {"evaluation": EvaluationArguments, "eval": EvalConfig}, "src.provision": {},
+               "src.export": {"export": ExportArguments}}
 
 
 @pytest.mark.parametrize("module", HELP_GROUPS)
@@ -96,7 +98,7 @@ def test_every_command_explains_every_option(module):
     assert [o for o in options if o not in result.stdout] == []
 
 
-@pytest.mark.parametrize("module", ["src.preprocess", "src.evaluation", "src.trainer"])
+@pytest.mark.parametrize("module", ["src.preprocess", "src.evaluation", "src.trainer", "src.export"])
 def test_unknown_option_is_one_line_exit_2(module):
     result = run(module, "--no_such_option", "1")
     assert result.returncode == 2

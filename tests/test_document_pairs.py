@@ -270,18 +270,26 @@ def test_auto_on_documents_trains_the_measured_budget_without_selection(tmp_path
     monkeypatch.setattr(plan, "DOCUMENTS_PAIRS", 20)  # 3 steps of 8 pairs on this small file (the default: 640)
     monkeypatch.setattr(plan, "DOCUMENTS_MAX_SEQ_LENGTH", 40)  # under the tiny model's limit (64): trained as planned
     built = []
-    monkeypatch.setattr(trainer, "build_model", lambda cfg, *args: built.append(cfg) or build_model(cfg, *args))
+
+    def recorded(*args):
+        built.append(build_model(*args))
+        return built[-1]
+
+    monkeypatch.setattr(trainer, "build_model", recorded)
     cfg = Config(data=DataConfig(train_file=str(documents_file), validation_fraction=0.1),
                  model=ModelConfig(model_name_or_path=str(tiny_xlmr)),
                  train=TrainConfig(batch_size=8, learning_rate=1e-3, save_steps=50),
                  eval=EvalConfig(eval_data=""), output=OutputConfig(output_dir=str(tmp_path / "auto")))
+    lengths = []
+    monkeypatch.setattr(trainer, "run_training",
+                        lambda *args, run=trainer.run_training: lengths.append(built[0].max_seq_length) or run(*args))
     folder = train(cfg)
     run, saved = (json.loads((folder / name).read_text()) for name in ("run.json", "config.json"))
     assert (run["objective_requested"], run["objective"], run["steps"]) == ("auto", "lead", 3)
     assert run["selected"] is None and run["dev_ndcg@10_by_step"] is None and run["lora_scale"] == 1.0
     assert (saved["train"]["max_steps"], saved["train"]["select_best"]) == (0, True)  # as requested ...
     assert (saved["resolved"]["max_steps"], saved["resolved"]["select_best"]) == (3, False)  # ... and as resolved
-    assert saved["model"]["max_seq_length"] == 0 and [c.max_seq_length for c in built] == [40]  # trained at auto's
+    assert saved["model"]["max_seq_length"] == 0 and lengths == [40]  # trained at auto's length
     # nothing selects, so nothing is held out and no development loss is computed: every document trains
     every = load_training_data(DataConfig(train_file=str(documents_file), validation_fraction=0.0), seed=42).texts
     assert (run["dev_texts"], run["plan"]["holdout_fraction"], run["train_texts"]) == (0, 0.0, len(every))

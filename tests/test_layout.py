@@ -8,9 +8,10 @@ from conftest import ROOT
 
 # docs/ARCHITECTURE.md order, bottom layer first: a module may import only modules before it.
 LAYERS = ("errors settings config cli tables text preprocess noise create_dataset document_pairs retrieval_data "
-          "metrics plots provision embedding_cache model_builder encoding hard_negatives round_trip objectives "
+          "metrics plots provision embedding_cache model_builder openvino_module encoding hard_negatives round_trip "
+          "objectives "
           "query_side plan "
-          "checkpoints callbacks selection run_lock run_folder run_summary evaluation trainer").split()
+          "checkpoints callbacks selection run_lock run_folder run_summary export evaluation trainer").split()
 SRC = ROOT / "src"
 # A layer is a module (src/NAME.py) or a package (src/NAME/, its files one layer; they import each other freely).
 

@@ -45,3 +45,13 @@ def test_the_plan_leaves_no_auto_value(tiny_bert):
         assert all(values[n] > 0 for n in ("learning_rate", "mnrl_scale", "epochs", "max_seq_length"))
         assert values["device"] == "cpu" and isinstance(values["bf16"], bool)
         assert values["eval_steps"] > 0 or plan.documents_recipe  # the documents recipe never evaluates
+
+
+def test_the_plan_turns_checkpointing_off_where_backward_stops_above_half_the_layers(tiny_bert):
+    """--lora_layers 1 of tiny_bert's 2: backward stops at the top layer, so nothing is worth recomputing."""
+    for lora_layers, checkpointing, expected in ((0, True, 2), (1, True, 0), (0, False, 0)):
+        cfg = Config(data=DataConfig(train_file="t.jsonl"),
+                     model=ModelConfig(model_name_or_path=str(tiny_bert), lora_layers=lora_layers),
+                     train=TrainConfig(gradient_checkpointing=checkpointing))
+        plan = plan_run(cfg, ["_id", "text"]).with_hardware(cfg.model, cfg.train, "cpu")
+        assert plan.checkpoint_every == expected

@@ -1,5 +1,6 @@
 """QLoRA model building, the shared-layer TSDAE decoder, and end-to-end training runs on CPU."""
 
+import dataclasses
 import json
 import shutil
 
@@ -12,6 +13,7 @@ from src.model_builder import (
     QUANTIZE_FROM,
     bf16_enabled,
     build_model,
+    checkpointed_every,
     projection_weights,
     resolve_precision,
     trained_precision,
@@ -91,8 +93,10 @@ def test_lora_on_the_top_layers_trains_only_them_and_backward_stops_below(tiny_b
     0), and layer 0 records nothing for backward; more layers than the encoder has is a one-line error."""
     from src.errors import KitError
 
-    model = build_model(ModelConfig(model_name_or_path=str(tiny_bert), precision=precision, lora_layers=1),
-                        checkpoint_every=1)
+    cfg = ModelConfig(model_name_or_path=str(tiny_bert), precision=precision, lora_layers=1)
+    assert checkpointed_every(cfg, precision, 1) == 0  # what the plan passes: backward stops above layer 0 anyway
+    assert checkpointed_every(dataclasses.replace(cfg, lora_layers=2), precision, 1) == 1
+    model = build_model(cfg, checkpoint_every=checkpointed_every(cfg, precision, 1))
     hf = model[0].auto_model
     adapted = {n.split("layer.")[1][0] for n, p in hf.named_parameters() if p.requires_grad}
     assert adapted == {"1"} and not any(m.gradient_checkpointing for m in hf.encoder.layer)
@@ -314,7 +318,7 @@ def test_selection_evaluator_encodes_in_bf16_and_returns_fp32(tiny_bert):
     model = SentenceTransformer(str(tiny_bert), device="cpu")
     texts = read_texts(RU_TRAIN, 8)
     corpus, queries = {str(i): t for i, t in enumerate(texts)}, {"q": texts[0][:40]}
-    fp32, bf16 = (SelectionEvaluator(queries, corpus, {"q": {"0"}}, bf16=on).embed_inputs(model, texts)
+    fp32, bf16 = (SelectionEvaluator(queries, corpus, {"q": {"0": 1}}, bf16=on).embed_inputs(model, texts)
                   for on in (False, True))
     assert fp32.dtype == bf16.dtype == torch.float32 and not torch.equal(fp32, bf16)
     assert torch.allclose(fp32, bf16, atol=0.05, rtol=0.05)

@@ -24,6 +24,8 @@ OBJECTIVES: dict[str, ObjectiveSpec] = {}
 
 def register(spec: ObjectiveSpec) -> ObjectiveSpec:
     """Make `spec` an `--objective` name (one file's whole contribution)."""
+    if spec.name in OBJECTIVES or spec.name == "auto" or not spec.name.isidentifier():
+        raise ValueError(f"objective name '{spec.name}': taken, reserved, or not a plain word")
     OBJECTIVES[spec.name] = spec
     return spec
 

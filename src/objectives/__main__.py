@@ -15,7 +15,8 @@ def table() -> str:
                      f"{spec.learning_rate:g} | {scale} | {scales} | {', '.join(spec.levers) or '-'} |")
     shared = ", ".join(f"{s:g}" for s in LORA_SCALES)
     lines.append(f"\nSeveral parts joined by '+': learning rate {LEARNING_RATE:g}, scale {SCALE:g}, adapter scales "
-                 f"{shared}.")
+                 f"{shared}. The documents-alone default (`--objective auto`, lead) and `--adapt queries` train at "
+                 f"their own scale (src/plan.py).")
     return "\n".join(lines)
 
 
