@@ -67,3 +67,6 @@ def pytest_collection_modifyitems(items):
         wants = inspect.signature(item.function).parameters if hasattr(item, "function") else {}
         if "e5_cache" in wants or "torchrun" in item.name:
             item.add_marker(pytest.mark.slow)
+    # The OpenVINO tests run last: in a process where OpenVINO has run and torch has trained since, a signal sent to
+    # the process (tests/test_faults.py's Ctrl-C test) ended in a segmentation fault inside kill().
+    items.sort(key=lambda item: item.fspath.basename == "test_export.py")
