@@ -37,7 +37,7 @@ import numpy as np
 
 from src.encoding import load_model
 from src.evaluation import search
-from src.export import hidden_states, quantized_model
+from src.export import hidden_states, quantized_model, token_features
 from src.metrics import MAIN_METRIC, compare, format_difference, score_rankings
 from src.retrieval_data import load_retrieval_data
 
@@ -63,13 +63,10 @@ class TokenEncoder:
     pool over the real tokens and normalize, as the model's Pooling and Normalize modules do."""
 
     def __init__(self, model, forward, batch_size: int):
-        self.tokenizer, self.forward, self.batch_size = model.tokenizer, forward, batch_size
-        self.max_length = model.max_seq_length
+        self.model, self.forward, self.batch_size = model, forward, batch_size
 
     def features(self, texts: list[str]) -> dict:
-        batch = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="np")
-        return {"input_ids": batch["input_ids"].astype(np.int64),
-                "attention_mask": batch["attention_mask"].astype(np.int64)}
+        return token_features(self.model, texts)
 
     def encode(self, texts: list[str]) -> np.ndarray:
         order = np.argsort([-len(t) for t in texts], kind="stable")

@@ -159,10 +159,11 @@ def encoding_cell(result: dict) -> str:
 def export_lines(summary: dict) -> list[str]:
     """The report's paragraph on each exported model: what it costs against the candidate, and whether it keeps
     the candidate's gain over the baseline."""
-    names = list(summary["models"])
-    candidate, baseline = names[:2] if len(names) > 1 else (names[0], None)
+    if not summary.get("exports"):
+        return []
+    candidate, baseline = list(summary["models"])[:2]
     lines = []
-    for name, c in summary.get("exports", {}).items():
+    for name, c in summary["exports"].items():
         kept = c[f"verdict_vs_{baseline}"]
         said = {"better": f"it keeps a gain over {baseline}", "worse": f"it is WORSE than {baseline}"}.get(
             kept, f"it is not distinguishable from {baseline}")
@@ -270,8 +271,9 @@ def run_evaluation(models: dict[str, str], cfg: EvalConfig, folder: Path, seed: 
                    f"p {format_p(c['p_value'], '= ')}: {v}")
         (logger.info if v == "better" else logger.warning)(
             message + ("" if v == "better" else " -- the adapted model is NOT better than the base"))
-    for line in export_lines(summary)[::2]:
-        logger.info("%s", line.replace("**", ""))
+    for line in export_lines(summary):
+        if line:
+            logger.info("%s", line.replace("**", ""))
     return summary
 
 

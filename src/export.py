@@ -81,6 +81,13 @@ def hidden_states(model):
     return HiddenStates(model[0].auto_model.eval())
 
 
+def token_features(model, texts: list[str]) -> dict:
+    """The converted model's inputs for `texts` (padded to the longest, cut at the model's length), as int64 arrays."""
+    tokens = model.tokenizer(texts, padding=True, truncation=True, max_length=model.max_seq_length,
+                             return_tensors="np")
+    return {name: tokens[name].astype(np.int64) for name in ("input_ids", "attention_mask")}
+
+
 def quantized_model(model, texts: list[str]):
     """The OpenVINO model of `model`'s transformer, int8 as calibrated on `texts` (documents, with their prompt)."""
     import nncf
@@ -90,9 +97,7 @@ def quantized_model(model, texts: list[str]):
     prompt = (model.prompts or {}).get("passage", "")
 
     def features(batch: list[str]) -> dict:
-        tokens = model.tokenizer([prompt + t for t in batch], padding=True, truncation=True,
-                                 max_length=model.max_seq_length, return_tensors="np")
-        return {name: tokens[name].astype(np.int64) for name in ("input_ids", "attention_mask")}
+        return token_features(model, [prompt + t for t in batch])
 
     example = {name: torch.from_numpy(value) for name, value in features(texts[:2]).items()}
     with torch.no_grad():

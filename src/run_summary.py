@@ -12,8 +12,11 @@ from src.selection import DEV_HISTORY, DEV_SCORE
 def training_counts(objective: str, texts: int, pairs: int, dev_texts: int, dev_pairs: int) -> str:
     """What the objective trains on, and the development data that selects the model. Counts of what it does not
     load are left out: '0 training texts' for a pairs objective would read as 'nothing to train on'."""
-    trained = ([f"{texts} training texts"] * needs_texts(objective)
-               + [f"{pairs} training pairs"] * needs_pairs(objective))
+    trained = []
+    if needs_texts(objective):
+        trained.append(f"{texts} training texts")
+    if needs_pairs(objective):
+        trained.append(f"{pairs} training pairs")
     dev = (f"{dev_pairs} held-out pairs" if dev_pairs else f"{dev_texts} held-out texts" if dev_texts
            else "none, nothing held out")
     return f"{' and '.join(trained)}; development: {dev}"

@@ -194,7 +194,7 @@ def read_inputs(cfg: Config, device: str) -> tuple[RunPlan, TrainingData, Retrie
                               frame, plan.holdout_fraction)
     # a query-side run on documents alone trains on its bank's documents only
     texts = min(len(data.texts), BANK_DOCUMENTS) if plan.queries_only else len(data.texts)
-    examples = len(data.pairs) * needs_pairs(plan.objective) + texts * needs_texts(plan.objective)
+    examples = (len(data.pairs) if needs_pairs(plan.objective) else 0) + (texts if needs_texts(plan.objective) else 0)
     plan = plan.with_budget(examples, cfg.train, world_size())
     logger.info("plan: %s", describe(plan, cfg.train, world_size()))
     logger.info("objective %s: %s", plan.objective, training_counts(plan.objective, len(data.texts), len(data.pairs),
