@@ -89,7 +89,7 @@ def openvino_model(model, work: Path, precision: str, calibration: list[str]):
     import torch
 
     if precision == "int8":
-        converted = quantized_model(model, calibration)
+        converted = quantized_model(model, calibration, "passage")
     else:
         example = TokenEncoder(model, None, 1).features(["passage: a", "passage: a longer text"])
         converted = ov.convert_model(hidden_states(model),

@@ -47,6 +47,7 @@ TEST_FOLDERS = {"ru_catalog_docs": ROOT / "data" / "ru_catalog" / "test"}  # the
 # the adapter-scale search (both on by default); "noguard" turns both off and keeps the last step.
 NO_GUARD = ["--select_best", "false", "--lora_scales", ""]
 EVERY_10 = ["--eval_steps", "10"]  # the recipes with model selection were measured evaluating every 10 steps
+Q_BUDGET = ["--max_steps", "20", "--max_seq_length", "256", *NO_GUARD]  # the documents default's budget, by hand
 T128 = ["--max_seq_length", "128"]  # the default of before: texts cut at 128 tokens
 RECIPES = {
     "auto": [],  # the default command: on documents alone, 640 lead pairs (20 steps) of up to 256 tokens, scale 100
@@ -66,6 +67,10 @@ RECIPES = {
     "auto-q-1920": ["--adapt", "queries", "--max_steps", "60"],  # ... on three times the pairs (cheaper steps)
     "auto-q-lr2": ["--adapt", "queries", "--learning_rate", "2e-4"],  # ... at the learning rate of pairs
     "auto-qmap": ["--adapt", "queries+map"],  # ... with a linear map of the stored document vectors trained too
+    # ... the same budget (20 steps of 32, 256 tokens, scale 100, no selection) with other pseudo-queries
+    "auto-q-ict": ["--adapt", "queries", "--objective", "ict", *Q_BUDGET],  # a sentence of the document
+    "auto-q-crop": ["--adapt", "queries", "--objective", "crop", *Q_BUDGET],  # a random span
+    "auto-q-keys": ["--adapt", "queries", "--objective", "keys", *Q_BUDGET],  # its most distinctive words
     "auto-320-s20-rt10": ["--max_steps", "10", "--mnrl_scale", "20", "--round_trip_top_k", "10", *T128],
     # the budget of before (10 steps of 32, no selection) on keyword queries (scale 20, as other objectives)
     "keys-320": ["--objective", "keys", "--max_steps", "10", *NO_GUARD],

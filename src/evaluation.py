@@ -99,6 +99,7 @@ def evaluate_model(model, data: RetrievalData, cfg: EvalConfig, use_prompts: boo
     per_query = score_rankings(rankings, data.qrels)
     result = {"metrics": {m: float(v.mean()) for m, v in per_query.items()}, "per_query": per_query,
               "documents_per_second": None if doc_rate is None else round(doc_rate, 1),
+              "queries_per_second": None if query_rate is None else round(query_rate, 1),
               "embeddings": {"documents": doc_source, "queries": "cache" if query_rate is None else "computed"},
               "prompts": [query_prompt, doc_prompt], "bf16_autocast": bf16,
               "max_seq_length": model.max_seq_length,
@@ -202,14 +203,14 @@ def markdown_report(summary: dict) -> str:
             lines += ["WARNING: the adapted model is not better than the base model on these held-out pairs. "
                       "Keep using the base model, or change the recipe.", ""]
     lines += export_lines(summary)
-    lines += ["| model | max tokens | documents/s (encoding) | prompts (query, document) | "
+    lines += ["| model | max tokens | documents/s (encoding) | queries/s | prompts (query, document) | "
               "random-pair cosine mean ± std* |",
-              "|---|---|---|---|---|"]
+              "|---|---|---|---|---|---|"]
     for n in names:
         r = models[n]
         a = r["anisotropy_diagnostic"]
-        lines.append(f"| {n} | {r['max_seq_length']} | {encoding_cell(r)} | {r['prompts']} | "
-                     f"{a['mean']} ± {a['std']} |")
+        lines.append(f"| {n} | {r['max_seq_length']} | {encoding_cell(r)} | {r.get('queries_per_second') or 'cached'} "
+                     f"| {r['prompts']} | {a['mean']} ± {a['std']} |")
     lines += ["", "*Mean cosine of random document pairs is a diagnostic of anisotropy (how crowded the "
               "embedding space is), not a measure of retrieval quality.", "",
               "Settings: `" + json.dumps(summary["settings"], ensure_ascii=False) + "`", ""]
@@ -288,9 +289,10 @@ def evaluate_run(cfg: EvalConfig, base: str, output_dir: str, folder: Path, data
     models = {"adapted": folder / "merged", "base": base, **{f"adapted-{name}": folder / name for name in exports}}
     shown = {name: str(Path(output_dir) / Path(path).relative_to(folder)) if name != "base" else base
              for name, path in models.items()}
+    # a query-side run: the merged model and its exports all route documents to the base
+    documents_from = {name: "base" for name in models if name != "base"} if queries_only else None
     summary = run_evaluation({name: str(path) for name, path in models.items()}, cfg, folder / "evaluation",
-                             data=data, report_paths=shown, cached={"base"},
-                             documents_from={"adapted": "base"} if queries_only else None)
+                             data=data, report_paths=shown, cached={"base"}, documents_from=documents_from)
     comp = summary["comparison"]
     return {"verdict": comp["verdict"], MAIN_METRIC: comp["metrics"][MAIN_METRIC],
             "adapted": summary["models"]["adapted"]["metrics"], "base": summary["models"]["base"]["metrics"],

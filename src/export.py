@@ -6,10 +6,17 @@
 
 The transformer is converted by `openvino.convert_model` and quantized by NNCF's post-training static quantization
 (`nncf.quantize`, transformer preset: activations and weights int8, smooth-quant and bias correction), calibrated
-on the domain's own training texts with the document prompt, not on a generic English set: int8 ranges set on
-other text cost retrieval quality on this one. The exported folder is a sentence-transformers model whose first
-module is src/openvino_module.py (copied in as `modeling_openvino.py`), followed by the model's own pooling and
-normalization; it loads with `SentenceTransformer(folder, trust_remote_code=True)` wherever openvino is installed.
+on the domain's own training texts with the prompt of the side it exports (documents, or a query-side run's
+queries), not on a generic English set: int8 ranges set on other text cost retrieval quality on this one. The
+exported folder is a sentence-transformers model whose first module is src/openvino_module.py (copied in as
+`modeling_openvino.py`), followed by the model's own pooling and normalization; it loads with
+`SentenceTransformer(folder, trust_remote_code=True)` wherever openvino is installed. Saving a loaded export again
+with sentence-transformers is not supported (a Router would record the module's import path on this machine).
+
+A query-side run's merged/ (`--adapt queries`: a Router of the adapted query encoder and the untouched base) keeps
+its shape: only the query route's transformer becomes int8 OpenVINO, calibrated on the run's queries with the query
+prompt; the document route stays the base's PyTorch modules, so `encode_document` still gives exactly the
+embeddings of the index the user keeps, and `encode_query` runs at int8 speed.
 
 Why not sentence-transformers' `export_static_quantized_openvino_model`: it goes through optimum-intel, which requires
 transformers < 5.6 (the kit pins 5.23). The evaluation (src/evaluation.py) scores the export beside the PyTorch model.
@@ -39,6 +46,7 @@ PACKAGES = ("openvino", "nncf")  # what an export needs (requirements.txt)
 # NNCF's default calibration subset: enough texts for stable activation ranges, a minute of CPU on e5-small.
 CALIBRATION_TEXTS = 300
 MODULE_TYPE = "modeling_openvino.OpenVINOEncoder"
+ROUTER_CONFIG = "router_config.json"  # sentence-transformers' Router: its modules' types and routes
 
 
 def check_export_packages() -> None:
@@ -49,14 +57,10 @@ def check_export_packages() -> None:
                          f"(pip install -r requirements.txt)")
 
 
-def check_export(export: str, queries_only: bool) -> None:
+def check_export(export: str) -> None:
     """`--export` as a run will do it, checked before the run starts."""
-    if not export:
-        return
-    check_export_packages()
-    if queries_only:
-        raise UsageError(f"option --export {export}: not with --adapt queries (its merged/ is a Router of two "
-                         f"encoders; export a symmetric run)")
+    if export:
+        check_export_packages()
 
 
 def calibration_sample(texts: list[str], count: int = CALIBRATION_TEXTS, seed: int = 0) -> list[str]:
@@ -88,13 +92,14 @@ def token_features(model, texts: list[str]) -> dict:
     return {name: tokens[name].astype(np.int64) for name in ("input_ids", "attention_mask")}
 
 
-def quantized_model(model, texts: list[str]):
-    """The OpenVINO model of `model`'s transformer, int8 as calibrated on `texts` (documents, with their prompt)."""
+def quantized_model(model, texts: list[str], prompt_name: str):
+    """The OpenVINO model of `model`'s transformer, int8 as calibrated on `texts` with the prompt `prompt_name`
+    (the texts the exported encoder will see: documents, or a query route's queries)."""
     import nncf
     import openvino as ov
     import torch
 
-    prompt = (model.prompts or {}).get("passage", "")
+    prompt = (model.prompts or {}).get(prompt_name, "")
 
     def features(batch: list[str]) -> dict:
         return token_features(model, [prompt + t for t in batch])
@@ -106,13 +111,20 @@ def quantized_model(model, texts: list[str]):
     return nncf.quantize(converted, calibration, model_type=nncf.ModelType.TRANSFORMER, subset_size=len(texts))
 
 
-def write_folder(model, source: Path, quantized, folder: Path) -> None:
-    """The sentence-transformers folder: the OpenVINO model, the tokenizer, this module's code, and the source
-    model's own later modules (pooling, normalization) and prompts."""
+def write_encoder(model, quantized, folder: Path) -> None:
+    """The OpenVINOEncoder module's files in `folder`: the OpenVINO model, the tokenizer, the module's settings."""
     import openvino as ov
 
     ov.save_model(quantized, str(folder / MODEL_FILE), compress_to_fp16=False)
     model.tokenizer.save_pretrained(str(folder))
+    (folder / "openvino_config.json").write_text(
+        json.dumps({"max_seq_length": model.max_seq_length, "precision_hint": ""}) + "\n", encoding="utf-8")
+
+
+def write_folder(model, source: Path, quantized, folder: Path) -> None:
+    """The sentence-transformers folder: the OpenVINO encoder, this module's code, and the source model's own later
+    modules (pooling, normalization) and prompts."""
+    write_encoder(model, quantized, folder)
     shutil.copy2(Path(__file__).with_name("openvino_module.py"), folder / MODULE_FILE)
     modules = json.loads((source / "modules.json").read_text(encoding="utf-8"))
     for module in modules[1:]:
@@ -123,8 +135,35 @@ def write_folder(model, source: Path, quantized, folder: Path) -> None:
     settings = json.loads((source / "config_sentence_transformers.json").read_text(encoding="utf-8"))
     settings["prompts"] = dict(model.prompts)
     (folder / "config_sentence_transformers.json").write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
-    (folder / "openvino_config.json").write_text(
-        json.dumps({"max_seq_length": model.max_seq_length, "precision_hint": ""}) + "\n", encoding="utf-8")
+
+
+def query_route(model, source: Path):
+    """A query-side run's query encoder (the query route of its Router) as a sentence-transformers model with the
+    run's prompts; None for a model of one encoder."""
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.base.modules import Router
+
+    if not isinstance(model[0], Router):
+        return None
+    routes = model[0].sub_modules  # a ModuleDict
+    route = list(routes["query"]) if "query" in routes else []
+    if not route or not hasattr(route[0], "auto_model"):
+        raise KitError(f"model {source}: a Router without a query route that starts with a transformer; only a "
+                       f"--adapt queries run's merged/ (query and document routes) can be exported")
+    return SentenceTransformer(modules=route, prompts=dict(model.prompts), device="cpu")
+
+
+def write_router_folder(encoder, source: Path, quantized, folder: Path) -> None:
+    """A copy of the Router in `source` whose query route starts with the OpenVINO encoder: the document route (the
+    base, as the user's index holds it), the pooling, the normalization and the prompts are the source's own."""
+    config = json.loads((source / ROUTER_CONFIG).read_text(encoding="utf-8"))
+    first = config["structure"]["query"][0]
+    shutil.copytree(source, folder, dirs_exist_ok=True, ignore=lambda d, _: [first] if Path(d) == source else [])
+    (folder / first).mkdir()
+    write_encoder(encoder, quantized, folder / first)
+    shutil.copy2(Path(__file__).with_name("openvino_module.py"), folder / MODULE_FILE)
+    config["types"][first] = MODULE_TYPE
+    (folder / ROUTER_CONFIG).write_text(json.dumps(config, indent=4) + "\n", encoding="utf-8")
 
 
 def export_openvino(source: Path, folder: Path, texts: list[str]) -> Path:
@@ -134,15 +173,19 @@ def export_openvino(source: Path, folder: Path, texts: list[str]) -> Path:
     if not texts:
         raise KitError(f"export of {source}: no texts to calibrate int8 on")
     model = load_model(str(source), device="cpu")
-    if not hasattr(model[0], "auto_model"):
-        raise KitError(f"model {source}: its first module is not a transformer (a --adapt queries run's Router); "
-                       f"export the query encoder's merged model instead")
+    encoder = query_route(model, source)
+    if encoder is None and not hasattr(model[0], "auto_model"):
+        raise KitError(f"model {source}: its first module is neither a transformer nor a query/document Router")
     sample = calibration_sample(texts)
-    logger.info("export: OpenVINO int8, calibrated on %d training texts", len(sample))
+    logger.info("export: OpenVINO int8%s, calibrated on %d training texts",
+                "" if encoder is None else " (the query route)", len(sample))
     staging = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    write_folder(model, source, quantized_model(model, sample), staging)
+    if encoder is None:
+        write_folder(model, source, quantized_model(model, sample, "passage"), staging)
+    else:
+        write_router_folder(encoder, source, quantized_model(encoder, sample, "query"), staging)
     staging.rename(folder)
     return folder
 
@@ -154,7 +197,8 @@ class ExportArguments(Settings):
     model: str = help_field("The sentence-transformers model folder to export (a run's merged/).", default="")
     calibration_file: str = help_field("Training texts to calibrate int8 on (any format the trainer reads; its "
                                        "--text_column).", default="")
-    text_column: str = help_field("Column of the calibration file holding the texts.", default="text")
+    text_column: str = help_field("Column of the calibration file holding the texts (for a --adapt queries run's "
+                                  "merged/, the queries' column, e.g. title).", default="text")
     output_dir: str = help_field("Folder to write (must not exist).", default="")
 
     def validate(self):

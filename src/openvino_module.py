@@ -56,7 +56,9 @@ class OpenVINOEncoder(InputModule):
     def forward(self, features: dict, **kwargs) -> dict:
         feeds = {name: features[name].cpu().numpy().astype(np.int64) for name in self.inputs}
         hidden = self.compiled(feeds)[0]
-        features["token_embeddings"] = torch.from_numpy(np.asarray(hidden, dtype=np.float32))
+        # on the device of the tensors around it: in a Router, the other route may sit on a GPU
+        features["token_embeddings"] = torch.from_numpy(np.asarray(hidden, dtype=np.float32)).to(
+            features["attention_mask"].device)
         return features
 
     def get_embedding_dimension(self) -> int:

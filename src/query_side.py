@@ -125,6 +125,15 @@ def documents_bank(texts: list[str], seed: int) -> list[int]:
     return chosen.tolist()
 
 
+def training_queries(objective: str, data: TrainingData, seed: int) -> list[str]:
+    """The queries a query-side run sees: the pairs' queries, or on documents alone the pseudo-queries `objective`
+    makes of every document (those of the first epoch)."""
+    if objective == "mnrl":
+        return [query for query, _ in data.pairs]
+    construction = DocumentPairs(objective, seed, data.texts)
+    return [construction(text, i)[0] for i, text in enumerate(data.texts)]
+
+
 def pairs_queries_dataset(pairs: list[tuple[str, int]]):
     from datasets import Dataset
 

@@ -54,7 +54,7 @@ from src.model_builder import build_model, pick_device, trained_precision, world
 from src.objectives import BuildInputs, build_objective, needs_pairs, needs_texts, uses_in_batch_negatives
 from src.plan import RunPlan, describe, plan_run
 from src.plots import plot_loss
-from src.query_side import BANK_DOCUMENTS, detach_document_map, query_side_objective
+from src.query_side import BANK_DOCUMENTS, detach_document_map, query_side_objective, training_queries
 from src.retrieval_data import RetrievalData, load_retrieval_data
 from src.run_folder import (
     check_space,
@@ -189,7 +189,7 @@ def read_inputs(cfg: Config, device: str) -> tuple[RunPlan, TrainingData, Retrie
     what the model and `device` decide. Returns the plan, the training, evaluation and monitor data."""
     frame = read_table(cfg.data.train_file, cfg.data.text_column)
     plan = plan_run(cfg, [str(c) for c in frame.columns], world_size())
-    check_export(cfg.output.export, plan.queries_only)
+    check_export(cfg.output.export)
     data = load_training_data(cfg.data, cfg.train.seed, needs_texts(plan.objective), needs_pairs(plan.objective),
                               frame, plan.holdout_fraction)
     # a query-side run on documents alone trains on its bank's documents only
@@ -236,7 +236,8 @@ def train_model(cfg: Config, plan: RunPlan, data: TrainingData, folder: Path, de
     selection record."""
     model = build_model(cfg.model, device, plan.checkpoint_every, plan.max_seq_length, plan.precision)
     if world_rank() == 0:
-        check_space(folder, expected_bytes(model, cfg.model, plan.queries_only), fresh=not cfg.train.resume)
+        needed = expected_bytes(model, cfg.model, plan.queries_only, export=bool(cfg.output.export))
+        check_space(folder, needed, fresh=not cfg.train.resume)
     trainer, selection = build_trainer(cfg, plan, model, data, folder, device, monitor)
     checkpoint = last_complete_checkpoint(Path(trainer.args.output_dir)) if cfg.train.resume else None
     if cfg.train.resume and checkpoint is None:
@@ -278,6 +279,15 @@ def train(cfg: Config) -> Path:
         release(folder)  # a run that failed stays resumable, and unlocked (a finished one is renamed, lock released)
 
 
+def calibration_texts(data: TrainingData, plan: RunPlan, seed: int) -> list[str]:
+    """What an export's int8 ranges are calibrated on: the texts its encoder will see. Documents for a symmetric
+    model (what an index holds); a query-side run exports its query encoder alone: its queries (the pairs'
+    queries, or on documents alone the pseudo-queries its objective made of them)."""
+    if plan.queries_only:
+        return training_queries(plan.objective, data, seed)
+    return data.texts or [document for _, document in data.pairs]
+
+
 def run_job(cfg: Config, plan: RunPlan, data: TrainingData, eval_data: RetrievalData | None,
             monitor: RetrievalData | None, folder: Path, device: str, started: float) -> Path:
     """In the locked `.partial` folder: train, save, evaluate, and rename it into place."""
@@ -290,11 +300,11 @@ def run_job(cfg: Config, plan: RunPlan, data: TrainingData, eval_data: Retrieval
     del trainer, result
     free_memory(device)
     exports = (cfg.output.export,) if cfg.output.export else ()
-    documents = data.texts or [document for _, document in data.pairs]  # calibrated on what an index holds
     for name in exports:
         with writing(f"the {name} export", folder):
             shutil.rmtree(folder / name, ignore_errors=True)  # a resumed run exports its final model again
-            export_openvino(folder / "merged", folder / name, documents)
+            export_openvino(folder / "merged", folder / name,
+                            calibration_texts(data, plan, cfg.train.seed_for("train")))
     with writing("the evaluation reports, run.json", folder):
         if eval_data is not None:
             summary["evaluation"] = evaluate_run(cfg.eval, cfg.model.model_name_or_path, cfg.output.output_dir,

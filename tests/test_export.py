@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import ROOT, RU_TRAIN, read_texts
+from conftest import ROOT, RU_TRAIN, read_texts, run_config
 
 from src.config import Config, DataConfig, EvalConfig, ModelConfig, OutputConfig, TrainConfig
 from src.errors import UsageError
@@ -69,13 +69,38 @@ def test_an_export_that_cannot_work_is_a_one_line_error_before_any_work(monkeypa
 
     from src import export
 
-    with pytest.raises(UsageError, match="option --export openvino: not with --adapt queries"):
-        export.check_export("openvino", queries_only=True)
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "nncf" else real(name))
     with pytest.raises(UsageError, match=r"option --export openvino: needs the packages nncf \(pip install"):
-        export.check_export("openvino", queries_only=False)
+        export.check_export("openvino")
     Config(output=OutputConfig(export="openvino"))  # a valid choice; anything else fails at parsing
     result = subprocess.run([sys.executable, "-m", "src.trainer", "--export", "onnx"], cwd=ROOT, capture_output=True,
                             text=True, timeout=120)
     assert result.returncode == 2 and "invalid choice" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_query_side_export_keeps_the_base_documents_and_runs_the_queries_at_int8(tmp_path, tiny_xlmr):
+    from sentence_transformers import SentenceTransformer
+
+    from src.trainer import train
+
+    cfg = run_config(tmp_path, tiny_xlmr, "run", objective="auto", adapt="queries", max_steps=2)
+    cfg.data.max_train_texts = 80
+    cfg.eval = EvalConfig(eval_data=str(ROOT / "data" / "ru_catalog" / "test"), max_eval_queries=30,
+                          bootstrap_samples=100)
+    cfg.output.export = "openvino"
+    folder = train(cfg)
+    texts = read_texts(RU_TRAIN, 8)
+    merged = SentenceTransformer(str(folder / "merged"), device="cpu")
+    exported = SentenceTransformer(str(folder / "openvino"), trust_remote_code=True)  # sentence-transformers alone
+    assert json.loads((folder / "openvino" / "router_config.json").read_text())["types"]["query_0_Transformer"] == (
+        "modeling_openvino.OpenVINOEncoder")
+    np.testing.assert_allclose(exported.encode_document(texts), merged.encode_document(texts), atol=1e-6)  # the base
+    reference, quantized = merged.encode_query(texts), exported.encode_query(texts)
+    cosines = (reference * quantized).sum(1)
+    assert cosines.min() > 0.9 and not np.allclose(reference, quantized, atol=1e-6)  # int8 queries
+    metrics = json.loads((folder / "evaluation" / "metrics.json").read_text())
+    export = metrics["models"]["adapted-openvino"]
+    assert export["embeddings"]["documents"] == "those of base: no document re-encoded"
+    assert export["queries_per_second"] > 0 and set(metrics["exports"]["adapted-openvino"]) == {
+        "vs_adapted", "vs_base", "verdict_vs_base"}
