@@ -113,8 +113,8 @@ def check_space(folder: Path, needed: int, fresh: bool) -> None:
         if fresh:
             shutil.rmtree(folder, ignore_errors=True)
         raise KitError(f"not enough space for this run in {folder}: about {megabytes(needed)} needed (checkpoints, "
-                       f"adapter, merged model, export), {megabytes(free)} free; free some space or choose another "
-                       f"--output_dir")
+                       f"adapter, merged model, any export), {megabytes(free)} free; free some space or choose "
+                       f"another --output_dir")
 
 
 def finalize_run_folder(partial: Path, final: Path) -> None:

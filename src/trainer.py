@@ -109,27 +109,26 @@ def peak_memory_gb(device: str) -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)  # Linux reports KiB
 
 
-def training_arguments(train: TrainConfig, plan: RunPlan, folder: Path, device: str, has_dev: bool, prompts: dict):
+def training_arguments(train: TrainConfig, plan: RunPlan, folder: Path, has_dev: bool, prompts: dict):
     return SentenceTransformerTrainingArguments(
         output_dir=str(folder / CHECKPOINTS), per_device_train_batch_size=train.batch_size,
         per_device_eval_batch_size=train.batch_size, gradient_accumulation_steps=train.gradient_accumulation_steps,
         learning_rate=plan.learning_rate, num_train_epochs=plan.epochs, max_steps=plan.max_steps or -1,
         warmup_steps=train.warmup_ratio, lr_scheduler_type=train.lr_scheduler, weight_decay=train.weight_decay,
         logging_steps=train.logging_steps, save_steps=train.save_steps, save_total_limit=SAVE_TOTAL_LIMIT,
-        seed=train.seed, data_seed=train.seed, bf16=plan.bf16, use_cpu=device == "cpu",
+        seed=train.seed, data_seed=train.seed, bf16=plan.bf16, use_cpu=plan.device == "cpu",
         report_to="none", eval_strategy="steps" if has_dev else "no", eval_steps=plan.eval_steps if has_dev else None,
         prompts=prompts or None, dataloader_num_workers=0,
         # The duplicate check reads every row: for TSDAE alone that would compute each text's noise twice.
         # A query-side run's negatives are the stored documents, never the batch's: no batch needs to be unique.
         batch_sampler=(BatchSamplers.NO_DUPLICATES if uses_in_batch_negatives(plan.objective) and not plan.queries_only
                        else BatchSamplers.BATCH_SAMPLER),
-        ddp_backend="gloo" if device == "cpu" and world_size() > 1 else None,
+        ddp_backend="gloo" if plan.device == "cpu" and world_size() > 1 else None,
         ddp_find_unused_parameters=False, disable_tqdm=False, logging_first_step=True,
     )
 
 
-def build_trainer(cfg: Config, plan: RunPlan, model, data: TrainingData, folder: Path, device: str,
-                  monitor: RetrievalData | None):
+def build_trainer(cfg: Config, plan: RunPlan, model, data: TrainingData, folder: Path, monitor: RetrievalData | None):
     """The objective's datasets and loss, model selection (with the monitor) and the kit's callbacks, in one
     trainer."""
     t = cfg.train
@@ -154,7 +153,7 @@ def build_trainer(cfg: Config, plan: RunPlan, model, data: TrainingData, folder:
     # TSDAE, noise for 1,000 texts); the kit's model cards need none.
     model.model_card_data.set_widget_examples = lambda dataset: None
     has_dev = objective.eval_dataset is not None or selection is not None
-    args = training_arguments(t, plan, folder, device, has_dev, objective.prompts)
+    args = training_arguments(t, plan, folder, has_dev, objective.prompts)
     trainer = KitTrainer(model=model, args=args, train_dataset=objective.train_dataset,
                          eval_dataset=objective.eval_dataset, loss=objective.loss,
                          evaluator=selection.evaluator if selection else None, callbacks=callbacks)
@@ -204,15 +203,14 @@ def read_inputs(cfg: Config, device: str) -> tuple[RunPlan, TrainingData, Retrie
     return plan.with_hardware(cfg.model, cfg.train, device), data, eval_data, monitor
 
 
-def run_record(cfg: Config, plan: RunPlan, data: TrainingData, trainer: KitTrainer, result, selection: dict,
-               device: str) -> dict:
+def run_record(cfg: Config, plan: RunPlan, data: TrainingData, trainer: KitTrainer, result, selection: dict) -> dict:
     """run.json: what was trained (the plan), what was held out, what was kept (`selection`), how long it took."""
     return {"objective": plan.objective, "objective_requested": cfg.train.objective, "plan": plan.to_dict(),
             "train_texts": len(data.texts), "train_pairs": len(data.pairs), "dev_texts": len(data.dev_texts),
             "dev_pairs": len(data.dev_pairs), "steps": trainer.state.global_step,
             "train_seconds": round(result.metrics.get("train_runtime", 0.0), 1),
             "train_samples_per_second": result.metrics.get("train_samples_per_second"),
-            "final_train_loss": result.metrics.get("train_loss"), "device": device, "bf16": trainer.args.bf16,
+            "final_train_loss": result.metrics.get("train_loss"), "device": plan.device, "bf16": trainer.args.bf16,
             "precision": trained_precision(trainer.model),
             **selection}
 
@@ -230,15 +228,15 @@ def write_outputs(cfg: Config, plan: RunPlan, folder: Path, trainer: KitTrainer,
                     document_map=detach_document_map(trainer.model))
 
 
-def train_model(cfg: Config, plan: RunPlan, data: TrainingData, folder: Path, device: str,
+def train_model(cfg: Config, plan: RunPlan, data: TrainingData, folder: Path,
                 monitor: RetrievalData | None) -> tuple[KitTrainer, object, dict]:
     """Build, train (from the last checkpoint with --resume) and select: the trainer, its result and run.json's
     selection record."""
-    model = build_model(cfg.model, device, plan.checkpoint_every, plan.max_seq_length, plan.precision)
+    model = build_model(cfg.model, plan.device, plan.checkpoint_every, plan.max_seq_length, plan.precision)
     if world_rank() == 0:
         needed = expected_bytes(model, cfg.model, plan.queries_only, export=bool(cfg.output.export))
         check_space(folder, needed, fresh=not cfg.train.resume)
-    trainer, selection = build_trainer(cfg, plan, model, data, folder, device, monitor)
+    trainer, selection = build_trainer(cfg, plan, model, data, folder, monitor)
     checkpoint = last_complete_checkpoint(Path(trainer.args.output_dir)) if cfg.train.resume else None
     if cfg.train.resume and checkpoint is None:
         logger.warning("--resume: no checkpoint in %s, starting from the beginning", trainer.args.output_dir)
@@ -267,14 +265,13 @@ def train(cfg: Config) -> Path:
     set_seed(cfg.train.seed)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
-    device = pick_device(cfg.train.device)
-    plan, data, eval_data, monitor = read_inputs(cfg, device)
+    plan, data, eval_data, monitor = read_inputs(cfg, pick_device(cfg.train.device))
     if world_rank() != 0:  # torchrun's other processes train; the first one writes the run folder
-        train_model(cfg, plan, data, partial_folder(cfg.output), device, monitor)
+        train_model(cfg, plan, data, partial_folder(cfg.output), monitor)
         return partial_folder(cfg.output)
     folder = prepare_run_folder(cfg)
     try:
-        return run_job(cfg, plan, data, eval_data, monitor, folder, device, started)
+        return run_job(cfg, plan, data, eval_data, monitor, folder, started)
     finally:
         release(folder)  # a run that failed stays resumable, and unlocked (a finished one is renamed, lock released)
 
@@ -289,16 +286,17 @@ def calibration_texts(data: TrainingData, plan: RunPlan, seed: int) -> list[str]
 
 
 def run_job(cfg: Config, plan: RunPlan, data: TrainingData, eval_data: RetrievalData | None,
-            monitor: RetrievalData | None, folder: Path, device: str, started: float) -> Path:
+            monitor: RetrievalData | None, folder: Path, started: float) -> Path:
     """In the locked `.partial` folder: train, save, evaluate, and rename it into place."""
     with writing("config.json", folder):
         save_settings(folder, cfg, plan.to_dict())
-    trainer, result, selection = train_model(cfg, plan, data, folder, device, monitor)
-    summary = run_record(cfg, plan, data, trainer, result, selection, device)
+    trainer, result, selection = train_model(cfg, plan, data, folder, monitor)
+    summary = run_record(cfg, plan, data, trainer, result, selection)
     write_outputs(cfg, plan, folder, trainer, summary)
-    summary["peak_memory_gb"] = peak_memory_gb(device)  # after saving: the merge into a full-precision base counts
+    # after saving: the merge into a full-precision base counts
+    summary["peak_memory_gb"] = peak_memory_gb(plan.device)
     del trainer, result
-    free_memory(device)
+    free_memory(plan.device)
     exports = (cfg.output.export,) if cfg.output.export else ()
     for name in exports:
         with writing(f"the {name} export", folder):
