@@ -183,9 +183,9 @@ def check_query_side(train: TrainConfig, objective: str) -> None:
         raise UsageError(f"option --adapt {train.adapt}: needs one objective with a query side "
                          f"({', '.join(QUERY_SIDE_PARTS)}), not {objective}; use --adapt both")
     if not needs_pairs(objective):  # docs/RESULTS.md, "Query side only"
-        logger.warning("--adapt %s on documents alone: on the development collections the query side gained less "
-                       "than --adapt both on every one, and nothing on one of them; judge it with --eval_data",
-                       train.adapt)
+        logger.warning("--adapt %s on documents alone: the query side gained less than --adapt both on four of five "
+                       "development collections (nothing on one), more on one and on large package corpora; judge "
+                       "it with --eval_data", train.adapt)
     for option in ("hard_negatives", "round_trip_top_k", "mini_batch_size", "anchor_weight"):
         if getattr(train, option):
             raise UsageError(f"option --{option}: cannot be combined with --adapt {train.adapt} (every stored "

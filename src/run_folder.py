@@ -96,8 +96,8 @@ CHECKPOINT_COPIES = 4
 def expected_bytes(model: SentenceTransformer, model_cfg: ModelConfig, queries_only: bool, export: bool) -> int:
     """About what a run writes at most: SAVE_TOTAL_LIMIT + 1 checkpoints (the next is written before the oldest
     goes), the adapter, the merged model (the base's weights; twice for a query-side run's two encoders) and an
-    `export` (int8: a quarter of the weights, 119 MB for e5-small's 470; a query-side run's also copies the base
-    that encodes its documents)."""
+    `export` (int8: about a quarter of the weights; a query-side run's also copies the base that encodes its
+    documents)."""
     trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
     base = sum(f.stat().st_size for f in resolve_model(model_cfg.model_name_or_path).rglob("*.safetensors"))
     merged = base * (2 if queries_only else 1)
