@@ -122,10 +122,9 @@ def write_encoder(model, quantized, folder: Path) -> None:
 
 
 def write_folder(model, source: Path, quantized, folder: Path) -> None:
-    """The sentence-transformers folder: the OpenVINO encoder, this module's code, and the source model's own later
-    modules (pooling, normalization) and prompts."""
+    """The sentence-transformers folder: the OpenVINO encoder, and the source model's own later modules (pooling,
+    normalization) and prompts."""
     write_encoder(model, quantized, folder)
-    shutil.copy2(Path(__file__).with_name("openvino_module.py"), folder / MODULE_FILE)
     modules = json.loads((source / "modules.json").read_text(encoding="utf-8"))
     for module in modules[1:]:
         shutil.copytree(source / module["path"], folder / module["path"])
@@ -161,7 +160,6 @@ def write_router_folder(encoder, source: Path, quantized, folder: Path) -> None:
     shutil.copytree(source, folder, dirs_exist_ok=True, ignore=lambda d, _: [first] if Path(d) == source else [])
     (folder / first).mkdir()
     write_encoder(encoder, quantized, folder / first)
-    shutil.copy2(Path(__file__).with_name("openvino_module.py"), folder / MODULE_FILE)
     config["types"][first] = MODULE_TYPE
     (folder / ROUTER_CONFIG).write_text(json.dumps(config, indent=4) + "\n", encoding="utf-8")
 
@@ -186,6 +184,8 @@ def export_openvino(source: Path, folder: Path, texts: list[str]) -> Path:
         write_folder(model, source, quantized_model(model, sample, "passage"), staging)
     else:
         write_router_folder(encoder, source, quantized_model(encoder, sample, "query"), staging)
+    # the module's code at the folder's root, where sentence-transformers looks for `modeling_openvino`
+    shutil.copy2(Path(__file__).with_name("openvino_module.py"), staging / MODULE_FILE)
     staging.rename(folder)
     return folder
 

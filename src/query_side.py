@@ -125,13 +125,18 @@ def documents_bank(texts: list[str], seed: int) -> list[int]:
     return chosen.tolist()
 
 
+def bank_queries(objective: str, texts: list[str], seed: int) -> tuple[list[int], DocumentPairs]:
+    """On documents alone: the training documents of the bank, and the construction of their pseudo-queries."""
+    return documents_bank(texts, seed), DocumentPairs(objective, seed, texts)
+
+
 def training_queries(objective: str, data: TrainingData, seed: int) -> list[str]:
     """The queries a query-side run sees: the pairs' queries, or on documents alone the pseudo-queries `objective`
-    makes of every document (those of the first epoch)."""
+    makes of the bank's documents (those of the first epoch)."""
     if objective == "mnrl":
         return [query for query, _ in data.pairs]
-    construction = DocumentPairs(objective, seed, data.texts)
-    return [construction(text, i)[0] for i, text in enumerate(data.texts)]
+    indices, construction = bank_queries(objective, data.texts, seed)
+    return [construction(data.texts[i], i)[0] for i in indices]
 
 
 def pairs_queries_dataset(pairs: list[tuple[str, int]]):
@@ -167,8 +172,7 @@ def query_side_objective(objective: str, inputs: BuildInputs, stored: StoredEnco
         documents, pairs = pairs_bank(data)
         dataset = pairs_queries_dataset(pairs)
     else:
-        indices = documents_bank(data.texts, seed)
-        construction = DocumentPairs(objective, seed, data.texts)
+        indices, construction = bank_queries(objective, data.texts, seed)
         documents, epoch_aware = [data.texts[i] for i in indices], [construction]
         dataset = document_queries_dataset(data.texts, indices, construction)
     bank = torch.from_numpy(stored.documents(documents))
