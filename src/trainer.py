@@ -19,9 +19,12 @@ from __future__ import annotations
 import gc
 import json
 import logging
+import os
 import shutil
+import sys
 import time
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 from safetensors.torch import load_file
@@ -267,13 +270,25 @@ def train(cfg: Config) -> Path:
         torch.set_num_threads(cfg.train.threads)
     plan, data, eval_data, monitor = read_inputs(cfg, pick_device(cfg.train.device))
     if world_rank() != 0:  # torchrun's other processes train; the first one writes the run folder
-        train_model(cfg, plan, data, partial_folder(cfg.output), monitor)
-        return partial_folder(cfg.output)
+        trained = train_model(cfg, plan, data, partial_folder(cfg.output), monitor)
+        end_worker_process(trained)
     folder = prepare_run_folder(cfg)
     try:
         return run_job(cfg, plan, data, eval_data, monitor, folder, started)
     finally:
         release(folder)  # a run that failed stays resumable, and unlocked (a finished one is renamed, lock released)
+
+
+def end_worker_process(trained: tuple) -> NoReturn:
+    """A torchrun process other than rank 0 ends here, its trainer (`trained`) still referenced, without Python's
+    teardown. Freeing its DDP model frees gloo's process group from the Reducer's destructor, which joins gloo's
+    threads while holding the GIL; a thread still freeing the last collective's work (its tensors have Python
+    objects) waits for that GIL: a deadlock (pytorch/pytorch#56297), which hung the torchrun test about one run in
+    four. Rank 0 frees its trainer seconds after the last collective (merge and save), when the threads are idle."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def calibration_texts(data: TrainingData, plan: RunPlan, seed: int) -> list[str]:
