@@ -12,6 +12,8 @@ Rows (systems), per catalog (data/<catalog>_catalog/train.jsonl: title -> descri
                 description), MultipleNegativesRankingLoss (scale 20), learning rate 5e-5, 1 epoch, batch 32,
                 max_seq_length 128, BatchSamplers.NO_DUPLICATES, warmup_ratio 0.1 (linear decay), seed 42
     peer50      the same at MNRL scale 50 (the kit's pairs scale; the peer's best setting on the catalogs)
+    linear      what a user who keeps the base's index does instead of `--adapt queries`: a linear map of the
+                base's query embeddings fitted against the stored descriptions (scripts/linear_peer.py)
     qlora       the kit's command with `--precision nf4`: 4-bit NF4 base + LoRA whatever the encoder's size
     kit         the kit's default command (`--precision auto`: for e5-small LoRA on the full-precision base, where
                 4-bit saves nothing), with its model selection
@@ -41,13 +43,15 @@ import sys
 import time
 from pathlib import Path
 
+from scripts.linear_peer import linear_command, train_linear_peer
 from scripts.peer import PEER_SCALES, peer_command, peer_dataset, train_peer
 from scripts.scoring import base_result, model_result
 from src.config import EvalConfig
 from src.metrics import MAIN_METRIC, compare, format_p
 from src.settings import comma_list
 
-SYSTEMS = ("base", "peer", "peer50", "qlora", "kit")
+SYSTEMS = ("base", "peer", "peer50", "linear", "qlora", "kit")
+PEERS = (*PEER_SCALES, "linear")  # the rows trained by a peer's own process (`--one`)
 KIT_OPTIONS = {"qlora": ["--precision", "nf4"], "kit": []}  # the rows that run the kit's own command
 def train_file(catalog: str) -> Path:
     return Path("data") / f"{catalog}_catalog" / "train.jsonl"
@@ -75,7 +79,7 @@ def child_env(threads: int) -> dict:
 
 def train(catalog: str, system: str, folder: Path, threads: int, kit_args: str) -> tuple[dict, str, Path]:
     """Train one row in its own process (unless its record exists): (record, command, model folder)."""
-    if system in PEER_SCALES:
+    if system in PEERS:
         args = ["-m", "scripts.benchmark_peer", "--one", system, "--catalogs", catalog, "--output_dir",
                 str(folder), "--threads", str(threads)]
         record, model = folder / "peer.json", folder / "model"
@@ -88,7 +92,11 @@ def train(catalog: str, system: str, folder: Path, threads: int, kit_args: str) 
         folder.mkdir(parents=True, exist_ok=True)
         subprocess.run([sys.executable, *args], check=True, env=child_env(threads))
     run = json.loads(record.read_text())
-    return run, (peer_command(scale=PEER_SCALES[system]) if system in PEER_SCALES else command), model
+    if system in PEER_SCALES:
+        command = peer_command(scale=PEER_SCALES[system])
+    elif system == "linear":
+        command = linear_command()
+    return run, command, model
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -166,7 +174,8 @@ def finished_rows(out: Path, samples: int) -> list[dict]:
     found = {(r["catalog"], r["row"]): per_query(out, r) for r in rows}
     for r in rows:
         mine = found[(r["catalog"], r["row"])]
-        for other, key in (("base", "vs_base"), ("kit", "vs_kit"), ("peer", "vs_peer"), ("peer50", "vs_peer50")):
+        for other, key in (("base", "vs_base"), ("kit", "vs_kit"), ("peer", "vs_peer"), ("peer50", "vs_peer50"),
+                           ("linear", "vs_linear")):
             if r["row"] not in ("base", other) and (r["catalog"], other) in found:
                 r[key] = difference(mine, found[(r["catalog"], other)], samples)
     return rows
@@ -180,12 +189,13 @@ def cell(d: dict | None) -> str:
 
 def markdown(rows: list[dict]) -> str:
     lines = ["| catalog | system | nDCG@10 | vs base [95% CI] | - kit [95% CI] | - peer (scale 20) [95% CI] | "
-             "- peer50 [95% CI] | training s (loop) | peak GB | command |", "|---" * 10 + "|"]
+             "- peer50 [95% CI] | - linear [95% CI] | training s (loop) | peak GB | command |", "|---" * 11 + "|"]
     for r in rows:
         seconds = (f"{r['training_seconds']:.0f} ({r['train_loop_seconds']:.0f})" if "training_seconds" in r
                    else "-")
         lines.append(f"| {r['catalog']} | {r['row']} | {r[MAIN_METRIC]:.2f} | {cell(r.get('vs_base'))} | "
-                     f"{cell(r.get('vs_kit'))} | {cell(r.get('vs_peer'))} | {cell(r.get('vs_peer50'))} | {seconds} | "
+                     f"{cell(r.get('vs_kit'))} | {cell(r.get('vs_peer'))} | {cell(r.get('vs_peer50'))} | "
+                     f"{cell(r.get('vs_linear'))} | {seconds} | "
                      f"{r.get('peak_memory_gb', '-')} | `{r['command']}` |")
     return "\n".join(lines) + "\n"
 
@@ -206,7 +216,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "e.g. --kit_args '--lora_r 32' (one word alone needs '=': --kit_args=--OPTION)")
     parser.add_argument("--tag", default="", help="names the qlora and kit rows <system>-TAG (needed with "
                         "--kit_args, so that a lever's rows do not take the default rows' places)")
-    parser.add_argument("--one", choices=list(PEER_SCALES), help=argparse.SUPPRESS)  # a peer's own process
+    parser.add_argument("--one", choices=list(PEERS), help=argparse.SUPPRESS)  # a peer's own process
     args = parser.parse_args(argv)
     unknown = [s for s in comma_list(args.systems) if s not in SYSTEMS]
     unknown += [c for c in comma_list(args.catalogs) if not train_file(c).exists()]
@@ -225,8 +235,11 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     out = Path(args.output_dir)
     if args.one:
-        record = train_peer(peer_dataset(train_file(comma_list(args.catalogs)[0])), out, args.threads,
-                            scale=PEER_SCALES[args.one])
+        pairs = train_file(comma_list(args.catalogs)[0])
+        if args.one == "linear":
+            record = train_linear_peer(pairs, out, args.threads)
+        else:
+            record = train_peer(peer_dataset(pairs), out, args.threads, scale=PEER_SCALES[args.one])
         (out / "peer.json").write_text(json.dumps(record, indent=2) + "\n")
         return
     import torch

@@ -80,3 +80,26 @@ def test_a_finished_run_is_reused_only_for_the_command_it_ran(tmp_path):
     with pytest.raises(SystemExit, match="auto-top6 holds a run of '.*train.jsonl', not of '.*--lora_layers 6'"):
         finished_row(folder, row_command("en_python_doc", "auto-top6"))
     assert finished_row(folder, row_command("en_python_doc", "auto"))["command"].endswith("train.jsonl")
+
+
+def test_the_linear_peer_learns_the_map_that_finds_each_querys_document(tmp_path):
+    """scripts.linear_peer: queries that are the bank's documents turned by a rotation find their own document
+    only once the fitted map undoes the turn (the identity, the base, finds few of them)."""
+    import torch
+
+    from scripts.linear_peer import LINEAR, fit_map, read_pairs
+
+    torch.manual_seed(0)
+    bank = torch.nn.functional.normalize(torch.randn(64, 16), dim=-1)
+    rotation = torch.linalg.qr(torch.randn(16, 16))[0]
+    queries, labels = bank @ rotation.T, torch.arange(64)
+
+    def found(weight):
+        return float(((queries @ weight.T) @ bank.T).argmax(1).eq(labels).float().mean())
+
+    weight, loss = fit_map(queries, bank, labels, 1e-2, 60, 16, LINEAR["scale"], seed=0)
+    assert found(torch.eye(16)) < 0.5 and found(weight) == 1.0 and loss < 0.1
+    path = tmp_path / "pairs.jsonl"
+    rows = [("a", "x"), ("b", "y"), ("c", "x")]
+    path.write_text("\n".join(json.dumps({"title": t, "description": d}) for t, d in rows) + "\n", encoding="utf-8")
+    assert read_pairs(path) == (["a", "b", "c"], ["x", "y"], [0, 1, 0])
