@@ -9,6 +9,7 @@ confidence intervals, a paired randomization test, and a verdict in words (compu
 metrics.json, report.md and metrics.png (src/plots.py). The mean cosine of random pairs is reported only as an
 anisotropy diagnostic. Embeddings of models that the evaluation does not change are read from, or stored in, the
 kit's cache (src/embedding_cache.py; --no_cache turns it off); metrics.json says, per model, which were read.
+per_query.json keeps every query's scores, so that two evaluations can be paired later (src/compare.py).
 """
 
 from __future__ import annotations
@@ -24,7 +25,17 @@ from src.config import EvalConfig, EvaluationArguments
 from src.embedding_cache import EmbeddingCache
 from src.encoding import encode, encoding_bf16, open_encoder, prompt_names, rewrite_stored
 from src.errors import KitError, run_cli
-from src.metrics import DEPTH, MAIN_METRIC, METRICS, compare, format_difference, format_p, score_rankings, verdict
+from src.metrics import (
+    DEPTH,
+    MAIN_METRIC,
+    METRICS,
+    PER_QUERY,
+    compare,
+    format_difference,
+    format_p,
+    score_rankings,
+    verdict,
+)
 from src.plots import plot_metrics
 from src.retrieval_data import RetrievalData, load_retrieval_data
 
@@ -142,11 +153,20 @@ def write_reports(results: dict[str, dict], comparison: dict | None, data: Retri
     if exports:
         summary["exports"] = exports
     (folder / "metrics.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    write_per_query(results, data, folder / PER_QUERY)
     (folder / "report.md").write_text(markdown_report(summary), encoding="utf-8")
     d = summary["data"]
     plot_metrics(results, folder / "metrics.png", comparison,
                  f"{d['source']}: {d['queries']} queries, {d['documents']} documents")
     return summary
+
+
+def write_per_query(results: dict[str, dict], data: RetrievalData, path: Path) -> None:
+    """Every query's scores, per model: what `python -m src.compare` pairs two evaluations with, encoding nothing.
+    Queries in score_rankings' order (sorted ids)."""
+    models = {name: {m: np.round(v, 6).tolist() for m, v in r["per_query"].items()} for name, r in results.items()}
+    saved = {"data": data.describe(), "query_ids": sorted(data.qrels), "models": models}
+    path.write_text(json.dumps(saved, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 def encoding_cell(result: dict) -> str:

@@ -12,6 +12,8 @@ import numpy as np
 METRICS = ("ndcg@10", "mrr@10", "map@100", "recall@1", "recall@5", "recall@10", "recall@100")
 MAIN_METRIC = "ndcg@10"
 DEPTH = 100  # ranks retrieved per query: the deepest cut-off any metric needs
+# every query's scores, per model, beside an evaluation's metrics.json: what src/compare.py pairs
+PER_QUERY = "per_query.json"
 
 
 def query_metrics(ranking: list[str], relevant: dict[str, int]) -> dict[str, float]:

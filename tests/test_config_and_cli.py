@@ -12,6 +12,7 @@ import pytest
 from conftest import ROOT, RU_TRAIN
 
 from src.cli import parse_config, parse_groups
+from src.compare import CompareArguments
 from src.config import GROUPS, Config, EvalConfig, EvaluationArguments, OutputConfig, PreprocessConfig, TrainConfig
 from src.errors import UsageError, quiet_third_party
 from src.export import ExportArguments
@@ -86,7 +87,7 @@ def test_trainer_refuses_to_overwrite_a_finished_run(tmp_path):
 HELP_GROUPS = {"src.cli": GROUPS, "src.create_dataset": GROUPS, "src.model_builder": GROUPS, "src.trainer": GROUPS,
                "src.preprocess": {"preprocess": PreprocessConfig},
                "src.evaluation": {"evaluation": EvaluationArguments, "eval": EvalConfig}, "src.provision": {},
-               "src.export": {"export": ExportArguments}}
+               "src.export": {"export": ExportArguments}, "src.compare": {"compare": CompareArguments}}
 
 
 @pytest.mark.parametrize("module", HELP_GROUPS)

@@ -267,3 +267,50 @@ def test_approximate_recall_scores_the_ranking_already_searched_against_exact_se
     half = exact.copy()
     half[:, 5:10] = exact[:, 40:45]  # five of every exact top 10 replaced by documents ranked 41-45
     assert approximate_recall(half, docs, queries) == pytest.approx(0.5)
+
+
+def test_two_runs_evaluations_are_paired_without_encoding(tmp_path, tiny_bert, tiny_xlmr):
+    """src.compare pairs two runs' adapted models over the queries both evaluations kept in per_query.json: here
+    run B's adapted model is the base itself, so A minus B is A's own difference from the base."""
+    from src.compare import main
+    from src.evaluation import evaluate_run
+
+    cfg = EvalConfig(eval_data=_pairs_file(tmp_path / "pairs.jsonl"), bootstrap_samples=200, eval_batch_size=16)
+    data = load_retrieval_data(cfg.eval_data)
+    for run, merged in (("a", tiny_bert), ("b", tiny_xlmr)):
+        (tmp_path / run).mkdir()
+        (tmp_path / run / "merged").symlink_to(merged)
+        evaluate_run(cfg, str(tiny_xlmr), str(tmp_path / run), tmp_path / run, data)
+    main(["--runs", f"{tmp_path / 'a'},{tmp_path / 'b'}", "--output_dir", str(tmp_path / "a-vs-b")])
+    paired = json.loads((tmp_path / "a-vs-b" / "comparison.json").read_text())
+    own = json.loads((tmp_path / "a" / "evaluation" / "metrics.json").read_text())["comparison"]["metrics"]
+    assert paired["metrics"]["ndcg@10"]["difference"] == pytest.approx(own["ndcg@10"]["difference"], abs=1e-6)
+    assert paired["data"]["queries"] == 30
+    assert "Verdict on ndcg@10" in (tmp_path / "a-vs-b" / "comparison.md").read_text()
+    with pytest.raises(KitError, match="already holds a comparison"):
+        main(["--runs", f"{tmp_path / 'a'},{tmp_path / 'b'}", "--output_dir", str(tmp_path / "a-vs-b")])
+
+
+def test_evaluations_that_cannot_be_paired_are_refused_in_one_line(tmp_path):
+    from src.compare import main
+    from src.errors import UsageError
+    from src.evaluation import write_per_query
+
+    def evaluation(name: str, queries: int) -> str:
+        data = RetrievalData({f"q{i}": "x" for i in range(queries)}, {"d": "y"},
+                             {f"q{i}": {"d": 1} for i in range(queries)}, source="pairs.jsonl")
+        folder = tmp_path / name / "evaluation"
+        folder.mkdir(parents=True)
+        write_per_query({"adapted": {"per_query": {m: np.zeros(queries) for m in METRICS}}}, data,
+                        folder / "per_query.json")
+        return str(tmp_path / name)
+
+    ten, five = evaluation("ten", 10), evaluation("five", 5)
+    with pytest.raises(KitError, match="scored different queries of pairs.jsonl .10 vs 5.*cannot be paired"):
+        main(["--runs", f"{ten},{five}"])
+    with pytest.raises(KitError, match="no model 'model' .it has adapted.; choose one with --model"):
+        main(["--runs", f"{ten},{ten}", "--model", "model"])
+    with pytest.raises(KitError, match="no per_query.json in it or in its evaluation/"):
+        main(["--runs", f"{ten},{tmp_path}"])
+    with pytest.raises(UsageError, match="option --runs: two folders"):
+        main(["--runs", ten])
