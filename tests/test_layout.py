@@ -11,7 +11,7 @@ LAYERS = ("errors settings config cli tables text preprocess noise create_datase
           "metrics plots provision embedding_cache model_builder openvino_module encoding hard_negatives round_trip "
           "objectives "
           "query_side plan "
-          "checkpoints callbacks selection run_lock run_folder run_summary export evaluation trainer").split()
+          "checkpoints callbacks selection run_lock run_folder run_summary export evaluation compare trainer").split()
 SRC = ROOT / "src"
 # A layer is a module (src/NAME.py) or a package (src/NAME/, its files one layer; they import each other freely).
 
