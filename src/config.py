@@ -105,13 +105,15 @@ class TrainConfig(Settings):
         "auto: mnrl when the training file has --pair_columns, else lead on 640 pairs without selection. Or one "
         "of the objectives `python -m src.objectives` lists (mnrl, lead, ict, crop, keys, simcse, tsdae), or "
         "several joined by '+' (e.g. tsdae+lead). Measured: docs/RESULTS.md.", default="auto")
-    adapt: Literal["both", "queries", "queries+map"] = help_field(
+    adapt: Literal["auto", "both", "queries", "queries+map"] = help_field(
+        "auto: queries for the documents-alone default on a training file of 5,000 rows or more, both otherwise "
+        "(measured: docs/RESULTS.md, 'Query side only'; the log says which and why). "
         "both: the adapted model encodes queries and documents (an index built with the base must be encoded "
         "again). queries: only the query side trains, against the base model's stored embeddings of the training "
         "documents (the kit's cache), and merged/ encodes documents exactly as the base does: an existing index "
         "stays valid, only the query encoder changes. queries+map: also one linear map of the stored document "
         "vectors (rewrite the index with one matrix product; no text encoded again). For mnrl and lead, ict, crop, "
-        "keys.", default="both")
+        "keys.", default="auto")
     learning_rate: float = help_field("Peak learning rate; 0 = auto: the objective's own, as `python -m "
                                       "src.objectives` lists it (several parts: the shared default).", default=0.0)
     batch_size: int = help_field("Texts (or pairs) per device per step; mnrl/simcse use the rest of the batch as "

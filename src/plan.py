@@ -1,11 +1,13 @@
 """The run's plan: what the requested settings and the training file resolve to, decided once and never rewritten.
 
-    requested (src/config.py) + the file's columns  -> plan_run     -> RunPlan (objective, selection, hold-out)
-    RunPlan + the number of training texts          -> with_budget  -> RunPlan (steps)
+    requested (src/config.py) + the file's columns, rows -> plan_run    -> RunPlan (objective, adapt, selection)
+    RunPlan + the number of training texts               -> with_budget -> RunPlan (steps)
 
 `--objective auto` trains `mnrl` when the file has --pair_columns, and on documents alone DOCUMENTS_DEFAULT on
 DOCUMENTS_PAIRS pairs without model selection (docs/RESULTS.md, "Documents alone"). Without model selection
 nothing is held out: a development split that nothing selects on would only take documents away from training.
+`--adapt auto` trains that default's query side alone on a file of AUTO_QUERIES_ROWS rows or more (the base's
+document embeddings, so the user's index, stay as they are), both sides otherwise.
 Every later step reads the plan, never a rewritten setting; the run folder's config.json keeps the requested
 groups and the plan (`resolved`) side by side, and `--resume` compares the requested ones.
 """
@@ -54,6 +56,14 @@ DEV_EVALUATIONS = 4
 # selection at each epoch's end: on the Russian catalog, more than one epoch at the same learning rate
 # (docs/RESULTS.md, "Query side only").
 QUERY_SIDE_SCALE, QUERY_SIDE_PAIRS_EPOCHS = 100.0, 3.0
+# `--adapt auto`: the query side alone for the documents default on a training file of this many rows or more, both
+# sides otherwise. Both sides gained more on both catalogs and on four of the five development collections under
+# 3,000 documents; from 5,500 documents on (the Linux manual, the 10k and 100k package corpora) the query side gained
+# as much or more, and no document is encoded again: the user's index stays valid and the command ends sooner
+# (docs/RESULTS.md, "Query side only").
+AUTO_QUERIES_ROWS = 5000
+# Levers that act on the documents' side: a query-side run refuses them, and `--adapt auto` keeps both sides for them.
+DOCUMENT_SIDE_LEVERS = ("hard_negatives", "round_trip_top_k", "mini_batch_size", "anchor_weight")
 
 
 @dataclass(frozen=True)
@@ -174,26 +184,49 @@ def check_levers(train: TrainConfig, objective: str) -> None:
                              f"does not train on")
 
 
-def check_query_side(train: TrainConfig, objective: str) -> None:
+def resolve_adapt(train: TrainConfig, recipe: bool, rows: int, path: str) -> str:
+    """`--adapt auto` -> `queries` for the documents default (`recipe`) on a file of AUTO_QUERIES_ROWS `rows` or
+    more, unless a lever on the documents' side is set; `both` otherwise. An explicit value stays as it is."""
+    if train.adapt != "auto":
+        return train.adapt
+    levers = [option for option in DOCUMENT_SIDE_LEVERS if getattr(train, option)]
+    if recipe and rows >= AUTO_QUERIES_ROWS and not levers:
+        chosen, reason = "queries", (f"{path} has {rows} rows of documents alone (>= {AUTO_QUERIES_ROWS}): on such "
+                                     f"collections the query side alone gained as much as both sides or more, and "
+                                     f"your index (the base's document embeddings) stays valid")
+    elif recipe and levers:
+        chosen, reason = "both", f"--{levers[0]} acts on the documents' side"
+    elif recipe:
+        chosen, reason = "both", (f"{path} has {rows} rows of documents alone (< {AUTO_QUERIES_ROWS}): on such "
+                                  f"collections both sides gained more (the index must then be encoded again)")
+    else:
+        chosen, reason = "both", (f"objective {train.objective}: both sides gained more on the catalogs' pairs "
+                                  f"(--adapt queries keeps your index, at a measured cost)")
+    logger.info("adapt auto -> %s: %s (docs/RESULTS.md, 'Query side only')", chosen, reason)
+    return chosen
+
+
+def check_query_side(train: TrainConfig, objective: str, adapt: str) -> None:
     """`--adapt queries` (or queries+map) needs one objective with a query side, and no lever that acts on the
     documents' side."""
-    if train.adapt not in QUERY_SIDE_MODES:
+    if adapt not in QUERY_SIDE_MODES:
         return
     if objective not in QUERY_SIDE_PARTS:
-        raise UsageError(f"option --adapt {train.adapt}: needs one objective with a query side "
+        raise UsageError(f"option --adapt {adapt}: needs one objective with a query side "
                          f"({', '.join(QUERY_SIDE_PARTS)}), not {objective}; use --adapt both")
-    if not needs_pairs(objective):  # docs/RESULTS.md, "Query side only"
-        logger.warning("--adapt %s on documents alone: the query side gained less than --adapt both on four of five "
-                       "development collections (nothing on one), more on one and on large package corpora; judge "
-                       "it with --eval_data", train.adapt)
-    for option in ("hard_negatives", "round_trip_top_k", "mini_batch_size", "anchor_weight"):
+    if not needs_pairs(objective) and train.adapt != "auto":  # docs/RESULTS.md, "Query side only"
+        logger.warning("--adapt %s on documents alone: the query side gained less than --adapt both on four of the "
+                       "five development collections under 3,000 documents (nothing on one), as much or more on one "
+                       "and on the larger ones; judge it with --eval_data", adapt)
+    for option in DOCUMENT_SIDE_LEVERS:
         if getattr(train, option):
-            raise UsageError(f"option --{option}: cannot be combined with --adapt {train.adapt} (every stored "
+            raise UsageError(f"option --{option}: cannot be combined with --adapt {adapt} (every stored "
                              f"training document is already a negative, and no document passes through the model)")
 
 
-def plan_run(cfg: Config, columns: list[str], world: int = 1) -> RunPlan:
-    """The plan before the data is read (the steps come with `with_budget`, once the texts are counted)."""
+def plan_run(cfg: Config, columns: list[str], world: int = 1, rows: int = 0) -> RunPlan:
+    """The plan before the data is read (the steps come with `with_budget`, once the texts are counted); `rows`:
+    the training file's (they decide `--adapt auto`)."""
     t = cfg.train
     objective = resolve_objective(t.objective, columns, cfg.data.pair_column_names(), cfg.data.text_column,
                                   cfg.data.train_file)
@@ -210,8 +243,9 @@ def plan_run(cfg: Config, columns: list[str], world: int = 1) -> RunPlan:
     if recipe and t.monitor_data:
         raise UsageError("option --monitor_data: the documents-alone default trains without model selection; pass "
                          f"--objective {DOCUMENTS_DEFAULT} to select on development pairs and monitor them")
-    check_query_side(t, objective)
-    select, spec, queries = t.select_best and not recipe, alone(objective), t.adapt in QUERY_SIDE_MODES
+    adapt = resolve_adapt(t, recipe, rows, cfg.data.train_file)
+    check_query_side(t, objective, adapt)
+    select, spec, queries = t.select_best and not recipe, alone(objective), adapt in QUERY_SIDE_MODES
     learning_rate = t.learning_rate or (spec.learning_rate if spec else LEARNING_RATE)
     scale = t.mnrl_scale or (QUERY_SIDE_SCALE if queries else DOCUMENTS_SCALE if recipe
                              else spec.scale if spec else SCALE)
@@ -220,7 +254,7 @@ def plan_run(cfg: Config, columns: list[str], world: int = 1) -> RunPlan:
     scales = t.lora_scale_values() if t.lora_scales != "auto" else (spec.lora_scales if spec else LORA_SCALES)
     return RunPlan(objective, recipe, select, tuple(scales) if select else (),
                    dev_construction(t.dev_construction, objective), cfg.data.validation_fraction if select else 0.0,
-                   t.max_steps, learning_rate, scale, length, adapt=t.adapt, epochs=epochs)
+                   t.max_steps, learning_rate, scale, length, adapt=adapt, epochs=epochs)
 
 
 def describe(plan: RunPlan, train: TrainConfig, world: int = 1) -> str:

@@ -190,7 +190,7 @@ def read_inputs(cfg: Config, device: str) -> tuple[RunPlan, TrainingData, Retrie
     all checked before any folder or model exists, so that bad data fails in seconds, not after the training; then
     what the model and `device` decide. Returns the plan, the training, evaluation and monitor data."""
     frame = read_table(cfg.data.train_file, cfg.data.text_column)
-    plan = plan_run(cfg, [str(c) for c in frame.columns], world_size())
+    plan = plan_run(cfg, [str(c) for c in frame.columns], world_size(), len(frame))
     check_export(cfg.output.export)
     data = load_training_data(cfg.data, cfg.train.seed, needs_texts(plan.objective), needs_pairs(plan.objective),
                               frame, plan.holdout_fraction)

@@ -13,7 +13,7 @@ RESOLVED_BY_THE_PLAN = {
     ("train", "mnrl_scale"): "mnrl_scale", ("train", "epochs"): "epochs", ("train", "eval_steps"): "eval_steps",
     ("train", "lora_scales"): "lora_scales", ("train", "dev_construction"): "dev_construction",
     ("train", "bf16"): "bf16", ("train", "device"): "device", ("model", "precision"): "precision",
-    ("model", "max_seq_length"): "max_seq_length",
+    ("model", "max_seq_length"): "max_seq_length", ("train", "adapt"): "adapt",
 }
 # ... and those that are not a training run's: the evaluation's own (src/evaluation.py runs alone too), and the
 # LoRA targets, which are the loaded model's module names.

@@ -157,3 +157,21 @@ def test_the_query_side_on_documents_alone_is_a_warned_last_resort(caplog):
     caplog.clear()
     plan_run(Config(train=TrainConfig(adapt="queries")), ["title", "description"])
     assert "documents alone" not in caplog.text
+
+
+@pytest.mark.parametrize("columns, rows, train, expected", [
+    (["_id", "text"], 5000, {}, "queries"),  # the documents default on a large file: the index stays valid
+    (["_id", "text"], 4999, {}, "both"),
+    (["_id", "text"], 9000, {"hard_negatives": 1}, "both"),  # a lever on the documents' side keeps both
+    (["_id", "text"], 9000, {"objective": "lead"}, "both"),  # measured for the documents default only
+    (["title", "description"], 9000, {}, "both"),  # pairs: both sides gained more on the catalogs
+    (["_id", "text"], 9000, {"adapt": "both"}, "both"),  # an explicit choice stays
+    (["_id", "text"], 10, {"adapt": "queries"}, "queries"),
+])
+def test_adapt_auto_trains_the_query_side_alone_on_large_document_collections(columns, rows, train, expected,
+                                                                              caplog):
+    caplog.set_level("INFO", logger="src.plan")
+    plan = plan_run(Config(train=TrainConfig(**train)), columns, rows=rows)
+    assert plan.adapt == expected
+    assert (f"adapt auto -> {expected}: " in caplog.text) == ("adapt" not in train)
+    assert ("--adapt queries on documents alone" in caplog.text) == (train.get("adapt") == "queries")
