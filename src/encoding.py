@@ -131,23 +131,43 @@ class StoredEncoder:
     Args:
         base: the base model's name or folder.
         cfg: the evaluation settings (batch size, length, bf16, cache) every stored embedding is computed with.
+        index: the evaluation's corpus, in its order, or None. Its base embeddings are computed first, exactly as
+            the evaluation will compute (and then read from the cache) them, and a document it holds takes its row
+            from them: a training document that is also in the index is encoded once, not twice. Only with the
+            cache on (without it the evaluation would encode the index again).
     """
 
-    def __init__(self, base: str, cfg: EvalConfig):
+    def __init__(self, base: str, cfg: EvalConfig, index: list[str] | None = None):
         self.base, self.cfg = base, cfg
-        self.model = self.cache = None
+        self.index = index if not cfg.no_cache else None
+        self.model = self.cache = self.indexed = None
         self.bf16 = False
 
     def documents(self, texts: list[str]) -> np.ndarray:
-        """Normalized float32 embeddings of `texts` as documents (e5's `passage: ` prompt)."""
+        """Normalized float32 embeddings of `texts` as documents (e5's `passage: ` prompt): the index's row where
+        it holds the text, the others encoded (one cache entry for them)."""
+        vectors = self.index_vectors()
+        missing = [text for text in dict.fromkeys(texts) if text not in vectors]
+        logger.info("stored document embeddings: %d texts by the base model %s (%d distinct not in the index: "
+                    "encoded)", len(texts), self.base, len(missing))
+        if missing:
+            vectors = {**vectors, **dict(zip(missing, self.encode(missing)))}
+        return np.stack([vectors[text] for text in texts])
+
+    def index_vectors(self) -> dict[str, np.ndarray]:
+        """Text -> its row of the index's base embeddings (empty without an index); computed once."""
+        if self.indexed is None:
+            self.indexed = dict(zip(self.index, self.encode(self.index))) if self.index else {}
+        return self.indexed
+
+    def encode(self, texts: list[str]) -> np.ndarray:
         if self.model is None:
             self.model, self.cache, self.bf16 = open_encoder(self.base, self.cfg, cached=True)
-        logger.info("stored document embeddings: %d texts by the base model %s", len(texts), self.base)
         emb, _ = encode(self.model, texts, prompt_names(self.model)[1], self.cfg.eval_batch_size, self.cache,
                         self.bf16, task="document")
         return emb
 
     def close(self) -> None:
-        self.model = self.cache = None
+        self.model = self.cache = self.indexed = None
         gc.collect()
 

@@ -131,13 +131,15 @@ def training_arguments(train: TrainConfig, plan: RunPlan, folder: Path, has_dev:
     )
 
 
-def build_trainer(cfg: Config, plan: RunPlan, model, data: TrainingData, folder: Path, monitor: RetrievalData | None):
+def build_trainer(cfg: Config, plan: RunPlan, model, data: TrainingData, folder: Path, monitor: RetrievalData | None,
+                  eval_data: RetrievalData | None):
     """The objective's datasets and loss, model selection (with the monitor) and the kit's callbacks, in one
-    trainer."""
+    trainer. A query-side run stores its documents' embeddings from the evaluation corpus's where it holds them."""
     t = cfg.train
     inputs = BuildInputs(t, cfg.noise, plan.mnrl_scale, plan.max_steps, model, data)
     # the query side trains against the base's document embeddings, computed once (and cached) as the index has them
-    stored = StoredEncoder(cfg.model.model_name_or_path, cfg.eval) if plan.queries_only else None
+    index = list(eval_data.corpus.values()) if eval_data is not None else None  # in the evaluation's order
+    stored = StoredEncoder(cfg.model.model_name_or_path, cfg.eval, index) if plan.queries_only else None
     objective = (query_side_objective(plan.objective, inputs, stored, plan.adapt == "queries+map")
                  if stored is not None else build_objective(plan.objective, inputs))
     if objective.modules:
@@ -231,15 +233,15 @@ def write_outputs(cfg: Config, plan: RunPlan, folder: Path, trainer: KitTrainer,
                     document_map=detach_document_map(trainer.model))
 
 
-def train_model(cfg: Config, plan: RunPlan, data: TrainingData, folder: Path,
-                monitor: RetrievalData | None) -> tuple[KitTrainer, object, dict]:
+def train_model(cfg: Config, plan: RunPlan, data: TrainingData, folder: Path, monitor: RetrievalData | None,
+                eval_data: RetrievalData | None) -> tuple[KitTrainer, object, dict]:
     """Build, train (from the last checkpoint with --resume) and select: the trainer, its result and run.json's
     selection record."""
     model = build_model(cfg.model, plan.device, plan.checkpoint_every, plan.max_seq_length, plan.precision)
     if world_rank() == 0:
         needed = expected_bytes(model, cfg.model, plan.queries_only, export=bool(cfg.output.export))
         check_space(folder, needed, fresh=not cfg.train.resume)
-    trainer, selection = build_trainer(cfg, plan, model, data, folder, monitor)
+    trainer, selection = build_trainer(cfg, plan, model, data, folder, monitor, eval_data)
     checkpoint = last_complete_checkpoint(Path(trainer.args.output_dir)) if cfg.train.resume else None
     if cfg.train.resume and checkpoint is None:
         logger.warning("--resume: no checkpoint in %s, starting from the beginning", trainer.args.output_dir)
@@ -270,7 +272,7 @@ def train(cfg: Config) -> Path:
         torch.set_num_threads(cfg.train.threads)
     plan, data, eval_data, monitor = read_inputs(cfg, pick_device(cfg.train.device))
     if world_rank() != 0:  # torchrun's other processes train; the first one writes the run folder
-        trained = train_model(cfg, plan, data, partial_folder(cfg.output), monitor)
+        trained = train_model(cfg, plan, data, partial_folder(cfg.output), monitor, eval_data)
         end_worker_process(trained)
     folder = prepare_run_folder(cfg)
     try:
@@ -305,7 +307,7 @@ def run_job(cfg: Config, plan: RunPlan, data: TrainingData, eval_data: Retrieval
     """In the locked `.partial` folder: train, save, evaluate, and rename it into place."""
     with writing("config.json", folder):
         save_settings(folder, cfg, plan.to_dict())
-    trainer, result, selection = train_model(cfg, plan, data, folder, monitor)
+    trainer, result, selection = train_model(cfg, plan, data, folder, monitor, eval_data)
     summary = run_record(cfg, plan, data, trainer, result, selection)
     write_outputs(cfg, plan, folder, trainer, summary)
     # after saving: the merge into a full-precision base counts

@@ -5,7 +5,7 @@ import json
 import shutil
 
 import pytest
-from conftest import RU_TRAIN
+from conftest import RU_TRAIN, read_texts
 
 from src.config import EvalConfig
 from src.embedding_cache import weights_fingerprint
@@ -168,3 +168,21 @@ def test_over_its_size_limit_the_cache_drops_the_least_recently_used_entries(tmp
         monkeypatch.setenv("E5KIT_CACHE_MAX_GB", bad)
         with pytest.raises(UsageError, match=f"E5KIT_CACHE_MAX_GB: '{bad}' is not a number of gigabytes"):
             _evaluate(tmp_path / "e", models, first)
+
+
+def test_stored_documents_take_the_index_rows_and_encode_only_the_others(cache_dir, tiny_xlmr):
+    """A query-side run's bank: a document the evaluation's corpus (the index) holds takes its row of the index's
+    embeddings, which the evaluation then reads from the cache; only the others are encoded (one entry)."""
+    from src.encoding import StoredEncoder
+
+    texts = read_texts(RU_TRAIN, 12)
+    index, outside = texts[:8], texts[8:]
+    cfg = EvalConfig(eval_batch_size=4)
+    stored = StoredEncoder(str(tiny_xlmr), cfg, index)
+    bank = stored.documents([outside[0], index[3], outside[1], index[0]])
+    indexed = stored.index_vectors()
+    assert (bank[1] == indexed[index[3]]).all() and (bank[3] == indexed[index[0]]).all()
+    stored.close()
+    alone = StoredEncoder(str(tiny_xlmr), cfg).documents(outside[:2])  # read back: the entry of the missing two
+    assert (bank[[0, 2]] == alone).all() and len(list(cache_dir.glob("*.npy"))) == 2
+    assert StoredEncoder(str(tiny_xlmr), EvalConfig(no_cache=True), index).index is None  # no cache: no index
