@@ -20,6 +20,7 @@ from src.embedding_cache import EmbeddingCache
 from src.errors import KitError, first_line
 from src.model_builder import bf16_enabled
 from src.openvino_module import MODULE_FILE
+from src.text import normalized_key
 
 logger = logging.getLogger(__name__)
 
@@ -133,8 +134,9 @@ class StoredEncoder:
         cfg: the evaluation settings (batch size, length, bf16, cache) every stored embedding is computed with.
         index: the evaluation's corpus, in its order, or None. Its base embeddings are computed first, exactly as
             the evaluation will compute (and then read from the cache) them, and a document it holds takes its row
-            from them: a training document that is also in the index is encoded once, not twice. Only with the
-            cache on (without it the evaluation would encode the index again).
+            from them: a training document that is also in the index is encoded once, not twice, and has the vector
+            the index holds (found by its normalized key: the trainer's cleaning changes spaces and line breaks).
+            Only with the cache on (without it the evaluation would encode the index again).
     """
 
     def __init__(self, base: str, cfg: EvalConfig, index: list[str] | None = None):
@@ -146,18 +148,18 @@ class StoredEncoder:
     def documents(self, texts: list[str]) -> np.ndarray:
         """Normalized float32 embeddings of `texts` as documents (e5's `passage: ` prompt): the index's row where
         it holds the text, the others encoded (one cache entry for them)."""
-        vectors = self.index_vectors()
-        missing = [text for text in dict.fromkeys(texts) if text not in vectors]
+        indexed = self.index_vectors()
+        missing = [text for text in dict.fromkeys(texts) if normalized_key(text) not in indexed]
         logger.info("stored document embeddings: %d texts by the base model %s (%d distinct not in the index: "
                     "encoded)", len(texts), self.base, len(missing))
-        if missing:
-            vectors = {**vectors, **dict(zip(missing, self.encode(missing)))}
-        return np.stack([vectors[text] for text in texts])
+        encoded = dict(zip(missing, self.encode(missing))) if missing else {}
+        return np.stack([encoded[text] if text in encoded else indexed[normalized_key(text)] for text in texts])
 
     def index_vectors(self) -> dict[str, np.ndarray]:
-        """Text -> its row of the index's base embeddings (empty without an index); computed once."""
+        """A document's normalized key -> its row of the index's base embeddings (empty without an index)."""
         if self.indexed is None:
-            self.indexed = dict(zip(self.index, self.encode(self.index))) if self.index else {}
+            emb = self.encode(self.index) if self.index else []
+            self.indexed = {normalized_key(text): row for text, row in zip(self.index or [], emb)}
         return self.indexed
 
     def encode(self, texts: list[str]) -> np.ndarray:
