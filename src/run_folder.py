@@ -60,9 +60,10 @@ RESUMABLE = {"train.resume", "train.threads", "train.device", "train.logging_ste
              "model.allow_pickle", "train.batch_size", "train.gradient_accumulation_steps"}
 
 
-# A query-side run trains against the base's document embeddings computed with these evaluation settings: a resumed
-# run must train (and compare its development scores) against the same vectors.
-QUERY_SIDE_FIXED = ("eval_max_seq_length", "eval_bf16", "eval_batch_size")
+# A query-side run trains against the base's document embeddings computed with these evaluation settings (and taken
+# from the evaluation corpus's where it holds the document): a resumed run must train (and compare its development
+# scores) against the same vectors.
+QUERY_SIDE_FIXED = ("eval_max_seq_length", "eval_bf16", "eval_batch_size", "eval_data", "no_cache")
 
 
 def check_resumable(saved: dict, current: dict, partial: Path) -> None:
@@ -72,7 +73,9 @@ def check_resumable(saved: dict, current: dict, partial: Path) -> None:
     if was != now:
         raise UsageError(f"option --batch_size: the run in {partial} was started with an effective batch of {was} "
                          f"(--batch_size x --gradient_accumulation_steps), not {now}; keep the product to resume")
-    fixed = {f"eval.{o}" for o in QUERY_SIDE_FIXED} if current["train"].get("adapt") in QUERY_SIDE_MODES else set()
+    # the mode the run resolved (`--adapt auto` may have chosen the query side), as its config.json records it
+    adapt = saved.get(RESOLVED, {}).get("adapt", current["train"].get("adapt"))
+    fixed = {f"eval.{o}" for o in QUERY_SIDE_FIXED} if adapt in QUERY_SIDE_MODES else set()
     for group in ("data", "noise", "model", "train", "eval"):
         for option in sorted(set(saved.get(group, {})) | set(current[group])):
             was, now = saved.get(group, {}).get(option, "(not recorded)"), current[group].get(option)

@@ -85,11 +85,12 @@ def test_crash_then_resume_reaches_the_same_query_adapter(tmp_path, tiny_xlmr, q
         def on_save(self, args, state, control, **kwargs):
             raise KeyboardInterrupt  # dies right after writing checkpoint-2
 
+    test = str(ROOT / "data" / "ru_catalog" / "test")  # as query_run's: its documents' stored vectors come from it
     with monkeypatch.context() as m:
         with_callback(m, Crash())
         with pytest.raises(KeyboardInterrupt):
-            trainer_module.train(query_side_config(tmp_path, tiny_xlmr, "broken"))
-    resumed = trainer_module.train(query_side_config(tmp_path, tiny_xlmr, "broken", resume=True))
+            trainer_module.train(query_side_config(tmp_path, tiny_xlmr, "broken", test))
+    resumed = trainer_module.train(query_side_config(tmp_path, tiny_xlmr, "broken", test, resume=True))
     assert_same_adapter(query_run, resumed)
 
 
@@ -134,6 +135,10 @@ def test_a_resumed_query_side_run_keeps_the_settings_its_stored_embeddings_were_
         check_resumable(started, longer.to_dict(), tmp_path)
     both = Config(train=TrainConfig(resume=True), eval=EvalConfig(eval_max_seq_length=256))
     check_resumable(Config().to_dict(), both.to_dict(), tmp_path)  # the evaluation after training may change
+    chosen = {**Config().to_dict(), "resolved": {"adapt": "queries"}}  # --adapt auto chose the query side
+    other_data = Config(train=TrainConfig(resume=True), eval=EvalConfig(eval_data="other.jsonl"))
+    with pytest.raises(UsageError, match="--eval_data: the run in .* was started with '', not 'other.jsonl'"):
+        check_resumable(chosen, other_data.to_dict(), tmp_path)
 
 
 def test_a_document_map_rewrites_the_stored_vectors_as_the_saved_model_encodes_documents(tmp_path, tiny_xlmr):
