@@ -53,7 +53,7 @@ def fit_map(queries: torch.Tensor, bank: torch.Tensor, labels: torch.Tensor, lea
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-    return weight.detach(), float(loss)
+    return weight.detach(), loss.item()
 
 
 def mapped_query_model(weight: torch.Tensor):
