@@ -33,7 +33,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from scripts.peer import PEER, peer_command, train_peer
+from scripts.peer import PEER, PEER_SCALES, peer_command, train_peer
 from scripts.scoring import base_result, per_query
 from src.config import EvalConfig
 from src.metrics import MAIN_METRIC, compare, verdict
@@ -87,8 +87,9 @@ RECIPES = {
 # What a user of plain sentence-transformers would do instead, on the same documents: scripts.benchmark_peer's peer
 # (full fine-tuning, MNRL at its scale 20, lr 5e-5, batch 32, length 128, 10% warm-up, e5 prompts) on the kit's own
 # pairs (this construction) of as many documents as the default trains (DOCUMENTS_PAIRS, one epoch); st-lead-256: the
-# same at the default's 256 tokens per text.
-PEERS = {"st-lead": ("lead", 128), "st-lead-256": ("lead", 256)}
+# same at the default's 256 tokens per text; st-lead-s50: at MNRL scale 50 (the catalog peer's best setting).
+PEERS = {"st-lead": ("lead", 128, PEER_SCALES["peer"]), "st-lead-256": ("lead", 256, PEER_SCALES["peer"]),
+         "st-lead-s50": ("lead", 128, PEER_SCALES["peer50"])}
 NAMES = [*RECIPES, *PEERS]
 
 
@@ -126,10 +127,10 @@ def peer_pairs(collection: str, construction: str):
 def train_peer_run(collection: str, recipe: str, folder: Path) -> None:
     """A peer recipe's training (its own process): the model in `folder`/model, its record in run.json."""
     folder.mkdir(parents=True, exist_ok=True)
-    construction, length = PEERS[recipe]
+    construction, length, scale = PEERS[recipe]
     # threads=0: as OMP_NUM_THREADS says
-    record = train_peer(peer_pairs(collection, construction), folder, threads=0, max_seq_length=length)
-    record["objective"] = f"{construction}, {peer_command(length)}"
+    record = train_peer(peer_pairs(collection, construction), folder, threads=0, max_seq_length=length, scale=scale)
+    record["objective"] = f"{construction}, {peer_command(length, scale)}"
     (folder / "run.json").write_text(json.dumps(record, indent=2) + "\n")
 
 
