@@ -44,7 +44,7 @@ import time
 from pathlib import Path
 
 from scripts.linear_peer import linear_command, train_linear_peer
-from scripts.peer import PEER_SCALES, peer_command, peer_dataset, train_peer
+from scripts.peer import PEER_SCALES, peer_command, peer_dataset, test_folder, train_file, train_peer
 from scripts.scoring import base_result, model_result
 from src.config import EvalConfig
 from src.metrics import MAIN_METRIC, compare, format_p
@@ -53,14 +53,6 @@ from src.settings import comma_list
 SYSTEMS = ("base", "peer", "peer50", "linear", "qlora", "kit")
 PEERS = (*PEER_SCALES, "linear")  # the rows trained by a peer's own process (`--one`)
 KIT_OPTIONS = {"qlora": ["--precision", "nf4"], "kit": []}  # the rows that run the kit's own command
-def train_file(catalog: str) -> Path:
-    return Path("data") / f"{catalog}_catalog" / "train.jsonl"
-
-
-def test_folder(catalog: str) -> Path:
-    return Path("data") / f"{catalog}_catalog" / "test"
-
-
 # --------------------------------------------------------------------------------------------------------
 # Training, one subprocess per row
 

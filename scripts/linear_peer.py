@@ -11,14 +11,14 @@ scripts.benchmark_peer trains it as the `linear` row on the catalogs' title -> d
 
 from __future__ import annotations
 
-import json
+import math
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from scripts.peer import BASE_MODEL, peak_memory_gb
+from scripts.peer import BASE_MODEL, catalog_rows, peak_memory_gb, test_folder, train_file
 
 # Its settings: Adam on the full 384 x 384 map, starting as the identity (the base); the learning rate and the
 # number of epochs are the best of a sweep scored on the Russian catalog's test itself (`main` below; the English
@@ -30,11 +30,9 @@ def read_pairs(path: Path) -> tuple[list[str], list[str], list[int]]:
     """The file's titles, its distinct descriptions (the bank), and each title's description row."""
     rows: dict[str, int] = {}
     titles, labels = [], []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if line.strip():
-            record = json.loads(line)
-            titles.append(record["title"])
-            labels.append(rows.setdefault(record["description"], len(rows)))
+    for record in catalog_rows(path):
+        titles.append(record["title"])
+        labels.append(rows.setdefault(record["description"], len(rows)))
     return titles, list(rows), labels
 
 
@@ -99,7 +97,7 @@ def train_linear_peer(path: Path, folder: Path, threads: int, settings: dict = L
     weight, loss = fit(embedded, settings)
     fit_seconds = time.time() - fitting
     mapped_query_model(weight).save(str(folder / "model"))
-    steps = settings["epochs"] * -(-len(embedded[0]) // settings["batch_size"])
+    steps = settings["epochs"] * math.ceil(len(embedded[0]) / settings["batch_size"])
     return {"train_seconds": round(fit_seconds, 1), "steps": steps, "final_train_loss": loss,
             "peak_memory_gb": peak_memory_gb(), "total_seconds": round(time.time() - started, 1),
             "settings": settings}
@@ -121,12 +119,12 @@ def sweep(catalog: str, learning_rates: list[float], epochs: list[int]) -> list[
     corpus embeddings. It scores on the test itself, so it favours the peer: the settings are the peer's best."""
     from src.config import EvalConfig
     from src.encoding import StoredEncoder, load_model
-    from src.evaluation import search
-    from src.metrics import MAIN_METRIC, score_rankings
+    from src.evaluation import score_search, search
+    from src.metrics import MAIN_METRIC
     from src.retrieval_data import load_retrieval_data
 
-    embedded = embedded_pairs(Path("data") / f"{catalog}_catalog" / "train.jsonl")
-    data = load_retrieval_data(str(Path("data") / f"{catalog}_catalog" / "test"))
+    embedded = embedded_pairs(train_file(catalog))
+    data = load_retrieval_data(str(test_folder(catalog)))
     doc_ids, query_ids = list(data.corpus), sorted(data.qrels)
     stored = StoredEncoder(BASE_MODEL, EvalConfig())
     corpus = stored.documents([data.corpus[d] for d in doc_ids])
@@ -136,8 +134,7 @@ def sweep(catalog: str, learning_rates: list[float], epochs: list[int]) -> list[
 
     def score(weight: torch.Tensor) -> float:
         top = search(corpus, F.normalize(queries @ weight.T, dim=-1).numpy(), "flat")
-        rankings = {q: [doc_ids[i] for i in row if i >= 0] for q, row in zip(query_ids, top)}
-        return 100 * float(score_rankings(rankings, data.qrels)[MAIN_METRIC].mean())
+        return 100 * float(score_search(top, doc_ids, data.qrels)[MAIN_METRIC].mean())
 
     rows = [{"learning_rate": 0.0, "epochs": 0, MAIN_METRIC: score(torch.eye(queries.shape[1]))}]
     for learning_rate in learning_rates:

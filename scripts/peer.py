@@ -26,10 +26,23 @@ def peak_memory_gb() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)  # Linux reports KiB
 
 
+def train_file(catalog: str) -> Path:
+    return Path("data") / f"{catalog}_catalog" / "train.jsonl"
+
+
+def test_folder(catalog: str) -> Path:
+    return Path("data") / f"{catalog}_catalog" / "test"
+
+
+def catalog_rows(path: Path) -> list[dict]:
+    """A catalog's training rows (title, description, ...), as written."""
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
 def peer_dataset(path: Path):
     from datasets import Dataset
 
-    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows = catalog_rows(path)
     return Dataset.from_dict({"anchor": [r["title"] for r in rows], "positive": [r["description"] for r in rows]})
 
 

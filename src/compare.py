@@ -13,7 +13,6 @@ paired randomization test, a verdict in words). Two evaluations of different dat
 from __future__ import annotations
 
 import json
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +24,6 @@ from src.errors import KitError, UsageError, run_cli
 from src.metrics import MAIN_METRIC, METRICS, PER_QUERY, compare, format_difference, format_p, verdict
 from src.settings import Settings, comma_list, help_field
 
-logger = logging.getLogger(__name__)
 
 @dataclass
 class CompareArguments(Settings):
@@ -124,8 +122,9 @@ def main(argv=None) -> None:
     folder = Path(args.output_dir)
     if (folder / "comparison.json").exists() and not args.overwrite:
         raise KitError(f"{folder} already holds a comparison; pass --overwrite or choose another --output_dir")
-    first, second = (read_scores(path, model) for path, model in zip(comma_list(args.runs), args.models()))
-    summary = compare_scores(first, second, args.models(), args.seed)
+    models = args.models()
+    first, second = (read_scores(path, model) for path, model in zip(comma_list(args.runs), models))
+    summary = compare_scores(first, second, models, args.seed)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "comparison.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n",
                                             encoding="utf-8")

@@ -158,8 +158,9 @@ class StoredEncoder:
     def index_vectors(self) -> dict[str, np.ndarray]:
         """A document's normalized key -> its row of the index's base embeddings (empty without an index)."""
         if self.indexed is None:
-            emb = self.encode(self.index) if self.index else []
-            self.indexed = {normalized_key(text): row for text, row in zip(self.index or [], emb)}
+            self.indexed = {}
+            if self.index:
+                self.indexed = {normalized_key(text): row for text, row in zip(self.index, self.encode(self.index))}
         return self.indexed
 
     def encode(self, texts: list[str]) -> np.ndarray:

@@ -72,6 +72,12 @@ def search(doc_emb: np.ndarray, query_emb: np.ndarray, kind: str, k: int = DEPTH
     return build_index(doc_emb, kind).search(query_emb, min(k, len(doc_emb)))[1]
 
 
+def score_search(top: np.ndarray, doc_ids: list[str], qrels: dict[str, dict[str, int]]) -> dict[str, np.ndarray]:
+    """Per-query metrics of `search`'s rows (one per query, in sorted query-id order) of document row numbers."""
+    rankings = {q: [doc_ids[i] for i in row if i >= 0] for q, row in zip(sorted(qrels), top)}
+    return score_rankings(rankings, qrels)
+
+
 def approximate_recall(top: np.ndarray, doc_emb, query_emb, k: int = 10) -> float:
     """Share of the exact top-k that the approximate ranking `top` (the search already run) also returns."""
     exact = search(doc_emb, query_emb, "flat", k)
@@ -106,8 +112,7 @@ def evaluate_model(model, data: RetrievalData, cfg: EvalConfig, use_prompts: boo
     query_emb, query_rate = encode(model, [data.queries[q] for q in query_ids], query_prompt, cfg.eval_batch_size,
                                    cache, bf16, task="query")
     top = search(doc_emb, query_emb, cfg.index)
-    rankings = {q: [doc_ids[i] for i in row if i >= 0] for q, row in zip(query_ids, top)}
-    per_query = score_rankings(rankings, data.qrels)
+    per_query = score_search(top, doc_ids, data.qrels)
     result = {"metrics": {m: float(v.mean()) for m, v in per_query.items()}, "per_query": per_query,
               "documents_per_second": None if doc_rate is None else round(doc_rate, 1),
               "queries_per_second": None if query_rate is None else round(query_rate, 1),

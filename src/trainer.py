@@ -138,8 +138,10 @@ def build_trainer(cfg: Config, plan: RunPlan, model, data: TrainingData, folder:
     t = cfg.train
     inputs = BuildInputs(t, cfg.noise, plan.mnrl_scale, plan.max_steps, model, data)
     # the query side trains against the base's document embeddings, computed once (and cached) as the index has them
-    index = list(eval_data.corpus.values()) if eval_data is not None else None  # in the evaluation's order
-    stored = StoredEncoder(cfg.model.model_name_or_path, cfg.eval, index) if plan.queries_only else None
+    stored = None
+    if plan.queries_only:
+        index = list(eval_data.corpus.values()) if eval_data is not None else None  # in the evaluation's order
+        stored = StoredEncoder(cfg.model.model_name_or_path, cfg.eval, index)
     objective = (query_side_objective(plan.objective, inputs, stored, plan.adapt == "queries+map")
                  if stored is not None else build_objective(plan.objective, inputs))
     if objective.modules:
